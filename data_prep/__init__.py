@@ -1,1 +1,1 @@
-"""data_prep."""
+"""data_prep: raw text -> cleaned, deduplicated, tokenized Arrow shards (`megatrain prep`)."""

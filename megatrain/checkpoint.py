@@ -1,0 +1,168 @@
+"""Checkpoints that are either whole or ignored.
+
+    RUN_DIR/checkpoints/
+      step00000200/                 DeepSpeed's files (model, optimizer shards per rank)
+        rng-rank00000.pt            each rank's RNG states
+        megatrain-checkpoint.json   step, data position, config, versions, and a sha256 per file
+      latest                        name of the newest complete checkpoint
+
+A checkpoint counts only once its megatrain-checkpoint.json exists, and that file is written
+(by rename) after every other file is on disk and hashed; `latest` is rewritten (by rename)
+after that. Loading verifies sizes and hashes first and falls back to the previous checkpoint,
+with a logged event, when one is missing a file or corrupt.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatrain.shards import atomic_write_bytes, sha256_file
+
+MANIFEST = "megatrain-checkpoint.json"
+LATEST = "latest"
+
+
+class CheckpointError(Exception):
+    """No usable checkpoint where one was expected; the message says which and why."""
+
+
+def tag_for(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def _rank_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _all_gather(obj) -> list:
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _hash_files(folder: Path, names: list[str]) -> dict:
+    """Every rank hashes its share of the files; all ranks get the whole table."""
+    rank, world = _rank_world()
+    mine = {n: {"sha256": sha256_file(folder / n), "bytes": (folder / n).stat().st_size}
+            for n in names[rank::world]}
+    table: dict = {}
+    for part in _all_gather(mine):
+        table.update(part)
+    return table
+
+
+def save(engine, ckpt_dir: str | os.PathLike, step: int, client_state: dict, keep: int = 3,
+         permanent_every: int = 0) -> Path:
+    """Save a complete checkpoint of `engine` after `step` optimizer steps; collective (all ranks call it)."""
+    rank, world = _rank_world()
+    ckpt_dir = Path(ckpt_dir)
+    tag = tag_for(step)
+    folder = ckpt_dir / tag
+    if rank == 0 and folder.exists():  # a leftover from a crash during an earlier save of this step
+        shutil.rmtree(folder)
+    _barrier()
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    torch.save(rng_state(), folder / f".rng-rank{rank:05d}.pt.tmp")
+    os.replace(folder / f".rng-rank{rank:05d}.pt.tmp", folder / f"rng-rank{rank:05d}.pt")
+    _barrier()
+    names = _all_gather(sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+                        if rank == 0 else None)[0]
+    files = _hash_files(folder, names)
+    if rank == 0:
+        manifest = {"step": step, "tag": tag, "world_size": world, "files": files, **client_state}
+        atomic_write_bytes(folder / MANIFEST, json.dumps(manifest, indent=1, default=str).encode())
+        atomic_write_bytes(ckpt_dir / LATEST, tag.encode())
+        prune(ckpt_dir, keep, permanent_every)
+    _barrier()
+    return folder
+
+
+def prune(ckpt_dir: Path, keep: int, permanent_every: int = 0) -> None:
+    """Delete all but the newest `keep` complete checkpoints, sparing every `permanent_every`-th step."""
+    tags = complete_tags(ckpt_dir)
+    for tag in tags[:-keep] if keep > 0 else []:
+        step = int(tag.removeprefix("step"))
+        if permanent_every and step % permanent_every == 0:
+            continue
+        shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+
+
+def complete_tags(ckpt_dir: Path) -> list[str]:
+    """Tags with a megatrain manifest, oldest first."""
+    if not Path(ckpt_dir).is_dir():
+        return []
+    return sorted(p.parent.name for p in Path(ckpt_dir).glob(f"step*/{MANIFEST}"))
+
+
+def verify(folder: Path) -> str | None:
+    """None if every file listed in the manifest is present with its size and sha256, else the problem."""
+    manifest_path = folder / MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        return f"{manifest_path}: unreadable ({e})"
+    names = sorted(manifest["files"])
+    problems = []
+    rank, world = _rank_world()
+    for name in names[rank::world]:
+        path, want = folder / name, manifest["files"][name]
+        if not path.is_file():
+            problems.append(f"{path} is missing")
+        elif path.stat().st_size != want["bytes"]:
+            problems.append(f"{path} has {path.stat().st_size} bytes, expected {want['bytes']}")
+        elif sha256_file(path) != want["sha256"]:
+            problems.append(f"{path} is corrupt (sha256 differs from {MANIFEST})")
+    problems = sorted(p for part in _all_gather(problems) for p in part)
+    return "; ".join(problems) or None
+
+
+def find_resumable(ckpt_dir: str | os.PathLike, log=print) -> tuple[str, dict] | None:
+    """Newest checkpoint that verifies (collective), with its manifest; older ones are tried in turn."""
+    ckpt_dir = Path(ckpt_dir)
+    for tag in reversed(complete_tags(ckpt_dir)):
+        problem = verify(ckpt_dir / tag)
+        if problem is None:
+            return tag, json.loads((ckpt_dir / tag / MANIFEST).read_text())
+        log({"event": "checkpoint_rejected", "tag": tag, "reason": problem})
+    return None
+
+
+def load(engine, ckpt_dir: str | os.PathLike, tag: str) -> dict:
+    """Load engine state (model, optimizer, scheduler) and this rank's RNG from a verified checkpoint."""
+    rank, _ = _rank_world()
+    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    if path is None:
+        raise CheckpointError(f"DeepSpeed could not load {Path(ckpt_dir) / tag}")
+    rng_file = Path(ckpt_dir) / tag / f"rng-rank{rank:05d}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return client_state or {}

@@ -1,0 +1,190 @@
+"""The `megatrain` command: thin wrappers that parse arguments and call the modules."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+EXAMPLES = """examples:
+  megatrain prep corpus/ --out data/demo --vocab-size 4096
+  megatrain train configs/tiny.yaml --nproc 2 data.sources.0.path=data/demo
+  megatrain report runs/tiny-demo
+"""
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from data_prep.pipeline import PrepError
+    from data_prep.readers import InputError
+    from data_prep.tokenizer import TokenizerError
+    from megatrain.checkpoint import CheckpointError
+    from megatrain.config import ConfigError
+    from megatrain.shards import ShardError
+
+    return (ConfigError, ShardError, CheckpointError, PrepError, InputError, TokenizerError,
+            FileNotFoundError)
+
+
+# ----------------------------------------------------------------------------- prep
+
+
+def cmd_prep(args) -> int:
+    from data_prep.pipeline import PrepOptions, run_prep
+
+    report = run_prep(PrepOptions(inputs=args.inputs, out=args.out, vocab_size=args.vocab_size,
+                                  tokenizer=args.tokenizer, text_field=args.text_field,
+                                  shard_tokens=args.shard_tokens, force=args.force))
+    print(f"prep: {report['docs_in']:,} documents in, {report['docs_out']:,} out, {report['tokens']:,} tokens "
+          f"-> {args.out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def _in_distributed_launch() -> bool:
+    return "RANK" in os.environ or "SLURM_STEP_ID" in os.environ
+
+
+def _launch_local(args) -> int:
+    """Start `nproc` local processes through torchrun, each running this same command."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+           "-m", "megatrain.cli", "train", args.config, *args.overrides]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
+    return subprocess.call(cmd, env=env)
+
+
+def cmd_train(args) -> int:
+    from megatrain.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        print(json.dumps(dry_run(cfg, args.world_size or args.nproc)))
+        return 0
+    if args.nproc > 1 and not _in_distributed_launch():
+        return _launch_local(args)
+
+    import torch.distributed as dist
+
+    from megatrain.train import train
+
+    summary = train(cfg)  # an exception propagates: the launcher (torchrun, srun) stops the other ranks
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"megatrain: {'stopped' if summary['interrupted'] else 'finished'} at step {summary['steps']}; "
+              f"run directory {summary['run_dir']}", flush=True)
+    return 0
+
+
+def dry_run(cfg, world_size: int) -> dict:
+    """Model size, FLOPs per token and batch layout, without touching a GPU or the data."""
+    from megatrain.config import resolve_batch
+    from megatrain.model import count_params, flops_per_token
+    from megatrain.shards import Manifest
+
+    if cfg.model.vocab_size == 0:
+        vocab = Manifest.read(cfg.data.sources[0].path).vocab_size
+        cfg.model.vocab_size = cfg.model.vocab_multiple * math.ceil(vocab / cfg.model.vocab_multiple)
+    dp = max(1, world_size // cfg.parallel.tensor)
+    layout = resolve_batch(cfg, dp)
+    steps = cfg.run.max_steps or math.ceil(cfg.run.max_tokens / layout.tokens_per_step)
+    return {**count_params(cfg.model, cfg.data.seq_len), "flops_per_token": flops_per_token(cfg.model, cfg.data.seq_len),
+            "vocab_size": cfg.model.vocab_size, "seq_len": cfg.data.seq_len, "world_size": world_size,
+            "dp_size": dp, "tp_size": cfg.parallel.tensor, "micro_batch": layout.micro_batch,
+            "grad_accum": layout.grad_accum, "global_batch": layout.global_batch,
+            "tokens_per_step": layout.tokens_per_step, "max_steps": steps,
+            "total_tokens": steps * layout.tokens_per_step}
+
+
+# ----------------------------------------------------------------------------- report, config-doc
+
+
+def cmd_report(args) -> int:
+    from megatrain.report import report
+
+    text, pngs = report(args.run_dir)
+    print(text)
+    print("plots: " + ", ".join(str(p) for p in pngs))
+    return 0
+
+
+def cmd_config_doc(args) -> int:
+    from megatrain.config import config_reference
+
+    text = config_reference()
+    if args.out:
+        Path(args.out).write_text(text)
+    else:
+        print(text, end="")
+    return 0
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="megatrain", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+        description="Pretrain GPT-style language models: prepare data, train with DeepSpeed, report cost.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("prep", help="raw text -> tokenizer + Arrow token shards",
+                       description="Read raw text (jsonl, txt, parquet; .gz/.zst), train a byte-level BPE "
+                                   "tokenizer or load one, tokenize, and write Arrow shards with a manifest.")
+    p.add_argument("inputs", nargs="+", help="input files, directories or globs")
+    p.add_argument("--out", required=True, help="output dataset directory")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--vocab-size", type=int, default=32000, help="train a BPE of this size (default 32000)")
+    group.add_argument("--tokenizer", help="use this existing tokenizer.json instead of training one")
+    p.add_argument("--text-field", default="text", help="JSON field / parquet column holding the text")
+    p.add_argument("--shard-tokens", type=int, default=50_000_000, help="tokens per shard (default 50M)")
+    p.add_argument("--force", action="store_true", help="replace an existing dataset in --out")
+    p.set_defaults(func=cmd_prep)
+
+    p = sub.add_parser("train", help="train a model from a run config",
+                       description="Train with DeepSpeed from a YAML run config; key=value arguments override "
+                                   "config keys (e.g. optim.lr=3e-4 run.max_steps=100). Under torchrun or srun "
+                                   "every process runs this; --nproc starts local processes itself.")
+    p.add_argument("config", help="run config YAML, e.g. configs/tiny.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.add_argument("--nproc", type=int, default=1, help="local processes to start (CPU or GPUs), default 1")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print parameters, FLOPs per token and batch layout as JSON, then exit")
+    p.add_argument("--world-size", type=int, default=0, help="world size to resolve the batch for in --dry-run")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("report", help="plots and summary of a run directory",
+                       description="Read RUN_DIR/metrics.jsonl; write RUN_DIR/report/*.png and summary.md.")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("config-doc", help="print the configuration reference (Markdown)",
+                       description="Render every config key with its type, default and docstring.")
+    p.add_argument("--out", help="write to this file instead of stdout")
+    p.set_defaults(func=cmd_config_doc)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    # overrides may come after options (`train CONFIG --nproc 2 run.max_steps=10`): collect them
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if args.command != "train" or any("=" not in e or e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides += extra
+    try:
+        return args.func(args)
+    except _user_errors() as e:
+        print(f"megatrain {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,560 @@
+"""Typed run configuration.
+
+A run is described by one YAML file (see configs/) whose sections map onto the
+dataclasses below; every field has a docstring, which `megatrain config-doc`
+renders into docs/config.md. Loading goes:
+
+    YAML file -> `key=value` overrides -> model preset merged in -> dataclasses
+    (types checked, unknown keys refused with the closest valid name) -> cross-field checks
+
+so a typo such as `optim.learning_rate=1e-3` stops the run at once with
+"unknown key 'optim.learning_rate'; did you mean 'optim.lr'?".
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, mistyped or inconsistent; the message names the key."""
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the decoder-only transformer (see megatrain/model.py)."""
+
+    preset: str | None = None
+    """Name of a file in configs/models/ (e.g. `gopher-117m`); fields set here override the preset's."""
+    vocab_size: int = 0
+    """Vocabulary size; 0 takes it from the dataset manifest (rounded up to `vocab_multiple`)."""
+    vocab_multiple: int = 64
+    """Pad the embedding table to a multiple of this (faster matmuls on GPU)."""
+    n_layer: int = 4
+    """Number of transformer blocks."""
+    n_head: int = 4
+    """Number of attention heads."""
+    n_kv_head: int = 0
+    """Key/value heads for grouped-query attention; 0 means equal to `n_head` (plain multi-head)."""
+    d_model: int = 128
+    """Width of the residual stream."""
+    d_ff: int = 0
+    """Hidden width of the MLP; 0 derives it: 4*d_model for GELU, 8/3*d_model (rounded to 64) for SwiGLU."""
+    mlp: Literal["swiglu", "gelu"] = "swiglu"
+    """MLP type: LLaMA's gated SwiGLU or GPT-2's GELU."""
+    norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    """Normalization layer, applied before attention and MLP (pre-norm)."""
+    norm_eps: float = 1e-5
+    """Epsilon of the normalization layers."""
+    position: Literal["rope", "learned"] = "rope"
+    """Rotary position embeddings (LLaMA) or a learned position table (GPT-2)."""
+    rope_theta: float = 10000.0
+    """Base of the rotary frequencies."""
+    bias: bool = False
+    """Biases in linear layers and norms (GPT-2 has them, LLaMA does not)."""
+    tie_embeddings: bool = False
+    """Share the token embedding matrix with the output head."""
+    dropout: float = 0.0
+    """Dropout on attention and residual branches (0 for pretraining at scale)."""
+    init_std: float = 0.02
+    """Standard deviation of the normal weight init; output projections are scaled by 1/sqrt(2*n_layer)."""
+
+
+@dataclass
+class DataSource:
+    """One tokenized dataset (a directory written by `megatrain prep`) in the training mixture."""
+
+    path: str = ""
+    """Directory holding manifest.json and the Arrow shards."""
+    weight: float = 1.0
+    """Relative sampling weight in the mixture (normalized over all sources)."""
+
+
+@dataclass
+class DataConfig:
+    """What the model reads and how it is cut into samples."""
+
+    sources: list[DataSource] = field(default_factory=list)
+    """Datasets to train on, e.g. `[{path: data/demo}]`; override one path with `data.sources.0.path=DIR`."""
+    seq_len: int = 1024
+    """Context length in tokens; documents are packed back to back, separated by EOS."""
+    val_fraction: float = 0.005
+    """Fraction of samples held out for validation."""
+    verify_checksums: bool = True
+    """Check each shard's sha256 against the manifest before reading it."""
+    prefetch: int = 2
+    """Batches prepared ahead of time by a background thread."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its learning-rate schedule."""
+
+    lr: float = 6e-4
+    """Peak learning rate, reached at the end of warmup."""
+    min_lr: float = 6e-5
+    """Floor of the decay."""
+    warmup_steps: int = 100
+    """Linear warmup from 0 to `lr` over this many optimizer steps."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay from `lr` to `min_lr` over the rest of the run."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay, applied to matrices only (not to norms, biases)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    clip: float = 1.0
+    """Clip the global gradient norm to this (0 disables)."""
+
+
+@dataclass
+class BatchConfig:
+    """How many sequences make a step: global = micro_batch x grad_accum x data-parallel size."""
+
+    micro_batch: int = 8
+    """Sequences per GPU (or CPU process) per forward/backward."""
+    grad_accum: int = 0
+    """Micro-batches accumulated per optimizer step; 0 derives it from `global_batch` or `global_tokens`."""
+    global_batch: int = 0
+    """Sequences per optimizer step over all ranks; 0 derives it."""
+    global_tokens: int = 0
+    """Tokens per optimizer step (global_batch x seq_len); an alternative to `global_batch`."""
+
+
+@dataclass
+class ParallelConfig:
+    """How the model is spread over devices (applied by megatrain/parallel.py)."""
+
+    zero_stage: int = 1
+    """DeepSpeed ZeRO stage: 0 none, 1 optimizer states, 2 + gradients, 3 + parameters sharded."""
+    tensor: int = 1
+    """Tensor-parallel degree (ranks sharing each layer)."""
+    offload_optimizer: Literal["none", "cpu"] = "none"
+    """Keep optimizer states in CPU memory (ZeRO-Offload)."""
+    offload_params: Literal["none", "cpu"] = "none"
+    """Keep parameters in CPU memory (ZeRO-3 only)."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in backward to save memory."""
+
+
+@dataclass
+class RunConfig:
+    """Length, cadence and bookkeeping of a run."""
+
+    name: str = "run"
+    """Run name, shown in logs and in Weights & Biases."""
+    dir: str = ""
+    """Run directory (metrics, checkpoints, W&B files); empty means runs/<name>."""
+    max_steps: int = 0
+    """Optimizer steps to train; 0 derives it from `max_tokens`."""
+    max_tokens: float = 0
+    """Token budget; used when `max_steps` is 0."""
+    seed: int = 1234
+    """Seed for weights and data order; same seed, data and config give the same losses."""
+    log_every: int = 10
+    """Steps between metrics lines."""
+    eval_every: int = 0
+    """Steps between validation passes (0: only at the end)."""
+    eval_batches: int = 10
+    """Micro-batches per validation pass on each rank."""
+    ckpt_every: int = 0
+    """Steps between checkpoints (0: only at the end)."""
+    keep: int = 3
+    """Most recent checkpoints kept; older ones are deleted."""
+    resume: Literal["auto", "never"] = "auto"
+    """`auto` continues from the run directory's latest valid checkpoint, if any."""
+    compile: bool = False
+    """Wrap the model in torch.compile (GPU)."""
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases logging; compute nodes have no internet, so offline is the default."""
+
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    """`offline` writes RUN_DIR/wandb/ for a later `wandb sync`; `online` needs network."""
+    project: str = "megatrain"
+    """W&B project."""
+    entity: str | None = None
+    """W&B entity (team or user); None uses your default."""
+
+
+@dataclass
+class ClusterProfile:
+    """A machine the run executes on (configs/clusters/<name>.yaml): what MFU and CO2 are computed against."""
+
+    name: str = "local"
+    """Profile name (the file's stem)."""
+    description: str = ""
+    """One line about the machine."""
+    accelerator: str = "cpu"
+    """Device model, a key of megatrain/hardware.py's table (e.g. `h100-sxm`, `a100-sxm-80gb`, `v100-sxm2-32gb`, `cpu`)."""
+    device_power_w: float = 0.0
+    """Power drawn per device (GPU board power, or per CPU process), used when energy cannot be measured; 0 takes the table's value."""
+    peak_tflops: dict[str, float] = field(default_factory=dict)
+    """Override of the device's dense peak TFLOP/s per precision, e.g. `{bf16: 989}`."""
+    pue: float = 1.0
+    """Power usage effectiveness of the datacenter (facility energy / IT energy)."""
+    carbon_intensity_g_per_kwh: float = 56.0
+    """Grid carbon intensity in gCO2e per kWh (France: ~56, OWID 2023)."""
+
+
+def load_cluster(name_or_path: str) -> ClusterProfile:
+    """Load configs/clusters/<name>.yaml (or a path to a YAML file)."""
+    path = Path(name_or_path) if name_or_path.endswith((".yaml", ".yml")) else find_preset("clusters", name_or_path)
+    data = read_yaml(path)
+    data.setdefault("name", path.stem)
+    try:
+        return from_dict(ClusterProfile, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+@dataclass
+class Config:
+    """A whole run: one YAML file (configs/*.yaml) plus command-line overrides."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The transformer's shape."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Datasets and sample length."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and schedule."""
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    """Batch layout."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Parallelism."""
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    """Training precision: bf16 on A100/H100, fp16 (dynamic loss scaling) on V100, fp32 for exact CPU tests."""
+    run: RunConfig = field(default_factory=RunConfig)
+    """Run length and cadence."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Weights & Biases."""
+    cluster: str = "local"
+    """Cluster profile, a file in configs/clusters/ (peak FLOPs, power, PUE, grid carbon intensity)."""
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir or os.path.join("runs", self.run.name))
+
+
+# ----------------------------------------------------------------------------- finding files
+
+
+def configs_root() -> Path:
+    """The configs/ directory: $MEGATRAIN_CONFIGS, else ./configs, else the one beside the package."""
+    for candidate in (os.environ.get("MEGATRAIN_CONFIGS"), "configs",
+                      Path(__file__).resolve().parent.parent / "configs"):
+        if candidate and Path(candidate, "models").is_dir():
+            return Path(candidate)
+    raise ConfigError("cannot find the configs/ directory; set MEGATRAIN_CONFIGS to its path")
+
+
+def find_preset(kind: str, name: str) -> Path:
+    """Path of configs/<kind>/<name>.yaml, or an error listing the available names."""
+    folder = configs_root() / kind
+    path = folder / f"{name}.yaml"
+    if not path.is_file():
+        names = sorted(p.stem for p in folder.glob("*.yaml"))
+        hint = difflib.get_close_matches(name, names, n=1)
+        raise ConfigError(f"no {kind} preset '{name}' in {folder}"
+                          + (f"; did you mean '{hint[0]}'?" if hint else "") + f" (available: {', '.join(names)})")
+    return path
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
+    return data
+
+
+# ----------------------------------------------------------------------------- overrides
+
+
+def apply_override(tree: dict, assignment: str) -> None:
+    """Apply `a.b.c=value` to a nested dict; the value is parsed as YAML (`1e-3`, `[1, 2]`, `true`)."""
+    if "=" not in assignment:
+        raise ConfigError(f"override '{assignment}' is not of the form key=value")
+    key, raw = assignment.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    parts = key.strip().split(".")
+    node: Any = tree
+    for i, part in enumerate(parts[:-1]):
+        nxt = parts[i + 1]
+        if isinstance(node, list):
+            node = node[_list_index(node, part, key)]
+            continue
+        if part not in node or node[part] is None:
+            node[part] = [] if nxt.isdigit() else {}
+        node = node[part]
+    last = parts[-1]
+    if isinstance(node, list):
+        index = int(last) if last.isdigit() else -1
+        if index == len(node):
+            node.append(value)
+        else:
+            node[_list_index(node, last, key)] = value
+    else:
+        node[last] = value
+
+
+def _list_index(node: list, part: str, key: str) -> int:
+    if not part.isdigit():
+        raise ConfigError(f"override '{key}': '{part}' should be a list index")
+    index = int(part)
+    if index == len(node):  # `data.sources.0.path=X` on an empty list creates the entry
+        node.append({})
+    if index >= len(node):
+        raise ConfigError(f"override '{key}': index {index} is past the end of a list of {len(node)}")
+    return index
+
+
+# ----------------------------------------------------------------------------- dict -> dataclasses
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of a dataclass (attribute docstrings)."""
+    try:
+        tree = ast.parse(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for stmt, nxt in zip(body, body[1:]):
+        if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
+                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)):
+            docs[stmt.target.id] = inspect.cleandoc(nxt.value.value)
+    return docs
+
+
+def from_dict(cls: type, data: Any, where: str = "") -> Any:
+    """Build dataclass `cls` from a dict, checking every key and type; errors name the dotted key."""
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise ConfigError(f"'{where or 'config'}' should be a mapping of {cls.__name__} fields, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"; did you mean '{where + '.' if where else ''}{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown key '{dotted}'{hint} (valid keys here: {', '.join(names)})")
+        kwargs[key] = _coerce(value, hints[key], dotted)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if origin is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"'{where}' = {value!r} is not one of {list(args)}{hint}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"'{where}' should be a list, got {value!r}")
+        return [_coerce(v, args[0], f"{where}.{i}") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{where}' should be a mapping, got {value!r}")
+        return {k: _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"'{where}' should be true or false, got {value!r}")
+    if tp in (int, float):
+        # YAML 1.1 reads `6e-4` as a string and `1e9` too: accept numeric strings.
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"'{where}' should be a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"'{where}' should be a number, got {value!r}")
+        if tp is int:
+            if float(value) != int(value):
+                raise ConfigError(f"'{where}' should be a whole number, got {value!r}")
+            return int(value)
+        return float(value)
+    if tp is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise ConfigError(f"'{where}' should be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+# ----------------------------------------------------------------------------- load + validate
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
+    """Read a run config YAML, apply `key=value` overrides, merge the model preset, validate."""
+    tree = read_yaml(path) if path else {}
+    for assignment in overrides:
+        apply_override(tree, assignment)
+    model = tree.get("model") or {}
+    if isinstance(model, dict) and model.get("preset"):
+        preset = read_yaml(find_preset("models", str(model["preset"])))
+        preset.pop("preset", None)
+        tree["model"] = {**preset, **model}
+    cfg = from_dict(Config, tree)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Checks that involve several fields; each error names the key to change."""
+    m = cfg.model
+    for key in ("n_layer", "n_head", "d_model"):
+        if getattr(m, key) <= 0:
+            raise ConfigError(f"'model.{key}' must be positive, got {getattr(m, key)}")
+    if m.d_model % m.n_head:
+        raise ConfigError(f"'model.d_model' ({m.d_model}) must be divisible by 'model.n_head' ({m.n_head})")
+    kv = m.n_kv_head or m.n_head
+    if m.n_head % kv:
+        raise ConfigError(f"'model.n_head' ({m.n_head}) must be divisible by 'model.n_kv_head' ({kv})")
+    if m.position == "rope" and (m.d_model // m.n_head) % 2:
+        raise ConfigError("rotary positions need an even head size: change 'model.d_model' or 'model.n_head'")
+    if not cfg.data.sources:
+        raise ConfigError("'data.sources' is empty: give at least one dataset, e.g. data.sources.0.path=data/demo")
+    for i, src in enumerate(cfg.data.sources):
+        if not src.path:
+            raise ConfigError(f"'data.sources.{i}.path' is empty")
+        if src.weight <= 0:
+            raise ConfigError(f"'data.sources.{i}.weight' must be positive, got {src.weight}")
+    if cfg.data.seq_len < 2:
+        raise ConfigError(f"'data.seq_len' must be at least 2, got {cfg.data.seq_len}")
+    if not 0 <= cfg.data.val_fraction < 1:
+        raise ConfigError(f"'data.val_fraction' must be in [0, 1), got {cfg.data.val_fraction}")
+    if cfg.parallel.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"'parallel.zero_stage' must be 0, 1, 2 or 3, got {cfg.parallel.zero_stage}")
+    if cfg.parallel.offload_params != "none" and cfg.parallel.zero_stage != 3:
+        raise ConfigError("'parallel.offload_params' needs 'parallel.zero_stage: 3'")
+    if cfg.parallel.tensor < 1:
+        raise ConfigError(f"'parallel.tensor' must be at least 1, got {cfg.parallel.tensor}")
+    if cfg.batch.micro_batch < 1:
+        raise ConfigError(f"'batch.micro_batch' must be at least 1, got {cfg.batch.micro_batch}")
+    if cfg.run.max_steps <= 0 and cfg.run.max_tokens <= 0:
+        raise ConfigError("set 'run.max_steps' or 'run.max_tokens' to say how long to train")
+    if cfg.optim.min_lr > cfg.optim.lr:
+        raise ConfigError(f"'optim.min_lr' ({cfg.optim.min_lr}) is above 'optim.lr' ({cfg.optim.lr})")
+
+
+@dataclass
+class BatchLayout:
+    """The batch resolved against the number of data-parallel ranks."""
+
+    micro_batch: int
+    grad_accum: int
+    dp_size: int
+    seq_len: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.grad_accum * self.dp_size
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch * self.seq_len
+
+
+def resolve_batch(cfg: Config, dp_size: int) -> BatchLayout:
+    """global_batch = micro_batch x grad_accum x dp_size, from whichever of them the config gives."""
+    b, seq = cfg.batch, cfg.data.seq_len
+    target = b.global_batch
+    if b.global_tokens:
+        if b.global_tokens % seq:
+            raise ConfigError(f"'batch.global_tokens' ({b.global_tokens}) is not a multiple of "
+                              f"'data.seq_len' ({seq})")
+        if target and target != b.global_tokens // seq:
+            raise ConfigError("'batch.global_batch' and 'batch.global_tokens' disagree; set only one")
+        target = b.global_tokens // seq
+    if b.grad_accum:
+        layout = BatchLayout(b.micro_batch, b.grad_accum, dp_size, seq)
+        if target and layout.global_batch != target:
+            raise ConfigError(f"micro_batch {b.micro_batch} x grad_accum {b.grad_accum} x {dp_size} ranks = "
+                              f"{layout.global_batch} sequences, but the global batch asked for is {target}; "
+                              "drop 'batch.grad_accum' to derive it")
+        return layout
+    if not target:
+        return BatchLayout(b.micro_batch, 1, dp_size, seq)
+    per_step = b.micro_batch * dp_size
+    if target % per_step:
+        raise ConfigError(f"global batch {target} sequences is not divisible by micro_batch {b.micro_batch} x "
+                          f"{dp_size} data-parallel ranks = {per_step}; change 'batch.micro_batch' or the "
+                          "global batch")
+    return BatchLayout(b.micro_batch, target // per_step, dp_size, seq)
+
+
+# ----------------------------------------------------------------------------- docs
+
+
+def config_reference() -> str:
+    """Markdown reference of every config key, generated from the docstrings above."""
+    lines = ["# Configuration reference", "",
+             "Generated by `megatrain config-doc` from megatrain/config.py; do not edit by hand.", ""]
+
+    def section(cls: type, prefix: str) -> None:
+        docs = field_docs(cls)
+        nested = []
+        lines.extend([f"## `{prefix or 'top level'}`", "", inspect.cleandoc(cls.__doc__ or ""), "",
+                      "| key | type | default | meaning |", "| --- | --- | --- | --- |"])
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            if dataclasses.is_dataclass(tp):
+                nested.append((tp, f"{prefix}.{f.name}" if prefix else f.name))
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore
+            tname = str(tp).replace("typing.", "").replace("megatrain.config.", "")
+            tname = getattr(tp, "__name__", tname) if not typing.get_args(tp) else tname
+            key = f"{prefix}.{f.name}" if prefix else f.name
+            lines.append(f"| `{key}` | `{tname}` | `{default!r}` | {docs.get(f.name, '')} |")
+        lines.append("")
+        if prefix == "data":
+            section(DataSource, "data.sources[]")
+        for cls2, pfx in nested:
+            section(cls2, pfx)
+
+    section(Config, "")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,107 @@
+"""Distributed set-up and parallelism, applied to a model from outside.
+
+- `DistEnv.from_environ()`: who am I, from torchrun's or Slurm's variables.
+- `init_distributed()`: the process group (NCCL on GPU, gloo on CPU) through DeepSpeed.
+- `deepspeed_config()`: our typed config turned into DeepSpeed's JSON (ZeRO stage, precision,
+  offload, batch layout, clipping).
+- `apply_activation_checkpointing()`: recompute each block in backward.
+- `build_engine()`: model + optimizer -> DeepSpeed engine.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+
+from megatrain.config import BatchLayout, Config
+from megatrain.optim import build_optimizer
+
+
+@dataclass
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+
+    @classmethod
+    def from_environ(cls, environ=os.environ) -> DistEnv:
+        """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; under `srun` we read SLURM_PROCID/NTASKS/LOCALID."""
+        if "RANK" in environ and "WORLD_SIZE" in environ:
+            return cls(int(environ["RANK"]), int(environ["WORLD_SIZE"]), int(environ.get("LOCAL_RANK", 0)),
+                       int(environ.get("LOCAL_WORLD_SIZE", environ["WORLD_SIZE"])))
+        if "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ and "SLURM_STEP_ID" in environ:
+            tasks_on_node = environ.get("SLURM_NTASKS_PER_NODE", environ.get("SLURM_TASKS_PER_NODE", "1"))
+            return cls(int(environ["SLURM_PROCID"]), int(environ["SLURM_NTASKS"]),
+                       int(environ.get("SLURM_LOCALID", 0)), int(tasks_on_node.split("(")[0].split(",")[0]))
+        return cls()
+
+
+def device_for(env: DistEnv) -> torch.device:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def init_distributed(env: DistEnv) -> torch.device:
+    """Create the default process group; MASTER_ADDR/MASTER_PORT must be set when world_size > 1."""
+    import deepspeed
+
+    device = device_for(env)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    # DeepSpeed reads these from the environment, whichever launcher started us
+    os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank))
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
+                               auto_mpi_discovery=False, rank=env.rank, world_size=env.world_size)
+    return device
+
+
+def deepspeed_config(cfg: Config, layout: BatchLayout) -> dict:
+    p = cfg.parallel
+    zero: dict = {"stage": p.zero_stage}
+    if p.zero_stage >= 2:
+        zero.update(overlap_comm=True, contiguous_gradients=True)
+    if p.offload_optimizer != "none":
+        zero["offload_optimizer"] = {"device": p.offload_optimizer, "pin_memory": True}
+    if p.offload_params != "none":
+        zero["offload_param"] = {"device": p.offload_params, "pin_memory": True}
+    ds = {
+        "train_batch_size": layout.global_batch,
+        "train_micro_batch_size_per_gpu": layout.micro_batch,
+        "gradient_accumulation_steps": layout.grad_accum,
+        "gradient_clipping": cfg.optim.clip,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,  # torch's AdamW, which DeepSpeed wraps fine
+        "steps_per_print": 2**31 - 1,          # we log ourselves
+        "wall_clock_breakdown": False,
+    }
+    if cfg.precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    elif cfg.precision == "fp16":
+        # dynamic loss scaling (loss_scale 0): start at 2^16, halve on overflow, double after 1000 clean steps
+        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
+                      "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
+    return ds
+
+
+def apply_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Make every block recompute its activations in backward (parameter names stay unchanged)."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.blocks:
+        block.forward = functools.partial(checkpoint, type(block).forward.__get__(block), use_reentrant=False)
+
+
+def build_engine(model: torch.nn.Module, cfg: Config, layout: BatchLayout, device: torch.device):
+    """Wrap the model in a DeepSpeed engine with our AdamW; returns the engine."""
+    import deepspeed
+
+    if cfg.parallel.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    optimizer = build_optimizer(model, cfg.optim, device)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, layout))
+    return engine

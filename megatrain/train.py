@@ -1,0 +1,225 @@
+"""The training loop.
+
+    set up:  process group -> datasets -> model -> DeepSpeed engine -> resume -> data loader
+    loop:    next batch -> forward/backward per micro-batch -> optimizer step -> log, eval, checkpoint
+    finish:  last validation, last checkpoint, summary
+
+Every rank runs this same function (torchrun, srun, or `megatrain train --nproc N`).
+"""
+from __future__ import annotations
+
+import math
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from megatrain import checkpoint, energy, hardware
+from megatrain.config import Config, ConfigError, load_cluster, resolve_batch
+from megatrain.data import DataLoader, PackedSamples, validation_batches
+from megatrain.metrics import MetricsLogger, mfu
+from megatrain.model import Transformer, count_params, flops_per_token
+from megatrain.optim import lr_at
+from megatrain.parallel import DistEnv, build_engine, init_distributed
+from megatrain.shards import Dataset
+
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+def software_versions() -> dict:
+    import deepspeed
+
+    versions = {"python": sys.version.split()[0], "torch": str(torch.__version__), "deepspeed": str(deepspeed.__version__)}
+    try:
+        root = Path(__file__).resolve().parent.parent
+        versions["git_commit"] = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                                                text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        versions["git_commit"] = None
+    return versions
+
+
+def open_sources(cfg: Config, rank: int) -> list[PackedSamples]:
+    datasets = [Dataset(src.path, verify=cfg.data.verify_checksums) for src in cfg.data.sources]
+    tokenizers = {d.manifest.tokenizer_sha256 for d in datasets}
+    if len(tokenizers) > 1:
+        raise ConfigError("the datasets in 'data.sources' were tokenized with different tokenizers: "
+                          + ", ".join(f"{d.directory} ({d.manifest.tokenizer_sha256[:12]})" for d in datasets))
+    return [PackedSamples(d, cfg.data.seq_len, cfg.data.val_fraction, cfg.run.seed + 1000 * i)
+            for i, d in enumerate(datasets)]
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+@torch.no_grad()
+def evaluate(engine, batches, device) -> float:
+    """Mean validation loss per token over all ranks' batches."""
+    engine.eval()
+    loss_sum, count = 0.0, 0
+    for b in batches:
+        loss = engine(b.inputs.to(device), b.targets.to(device))
+        n = int((b.targets != -100).sum())
+        if n:
+            loss_sum, count = loss_sum + float(loss) * n, count + n
+    engine.train()
+    loss_sum, count = all_reduce_sum([loss_sum, count])
+    return loss_sum / max(count, 1)
+
+
+class StopFlag:
+    """Set by SIGUSR1/SIGTERM (Slurm's warning before the time limit): finish the step, save, exit."""
+
+    def __init__(self):
+        self.signal = None
+        for s in STOP_SIGNALS:
+            signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    def any_rank(self) -> bool:
+        return all_reduce_sum([1.0 if self.signal else 0.0])[0] > 0
+
+
+def train(cfg: Config) -> dict:
+    env = DistEnv.from_environ()
+    device = init_distributed(env)
+    rank, world = env.rank, env.world_size
+    tp = cfg.parallel.tensor
+    if world % tp:
+        raise ConfigError(f"'parallel.tensor' ({tp}) must divide the number of processes ({world})")
+    dp_size, dp_rank = world // tp, rank // tp
+    run_dir = cfg.run_dir
+    cluster = load_cluster(cfg.cluster)
+
+    sources = open_sources(cfg, rank)
+    manifest = sources[0].dataset.manifest
+    if cfg.model.vocab_size == 0:
+        m = cfg.model.vocab_multiple
+        cfg.model.vocab_size = m * math.ceil(manifest.vocab_size / m)
+    elif cfg.model.vocab_size < manifest.vocab_size:
+        raise ConfigError(f"'model.vocab_size' ({cfg.model.vocab_size}) is smaller than the tokenizer's "
+                          f"({manifest.vocab_size}); set it to 0 to take the dataset's")
+    layout = resolve_batch(cfg, dp_size)
+    max_steps = cfg.run.max_steps or math.ceil(cfg.run.max_tokens / layout.tokens_per_step)
+    flops_tok = flops_per_token(cfg.model, cfg.data.seq_len)
+    accel = hardware.detect_accelerator()
+    peak = (cluster.peak_tflops.get(cfg.precision, 0) * 1e12) or hardware.peak_flops(accel, cfg.precision)
+
+    torch.manual_seed(cfg.run.seed)
+    model = Transformer(cfg.model, cfg.data.seq_len)
+    engine = build_engine(model, cfg, layout, device)
+
+    logger = MetricsLogger(run_dir, enabled=rank == 0, wandb_args=dict(
+        name=cfg.run.name, mode=cfg.wandb.mode, project=cfg.wandb.project, entity=cfg.wandb.entity,
+        config={"config": asdict(cfg), "cluster": asdict(cluster)}))
+    if rank == 0:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(
+            {**asdict(cfg), "resolved": {"cluster_profile": asdict(cluster), "world_size": world, "dp_size": dp_size,
+                                         "batch": {**asdict(layout), "global_batch": layout.global_batch},
+                                         "max_steps": max_steps, **count_params(cfg.model, cfg.data.seq_len),
+                                         "flops_per_token": flops_tok, "versions": software_versions()}},
+            sort_keys=False))
+
+    step, consumed, energy_before_j = 0, 0, 0.0
+    ckpt_dir = run_dir / "checkpoints"
+    found = checkpoint.find_resumable(ckpt_dir, log=logger.event) if cfg.run.resume == "auto" else None
+    if found:
+        tag, meta = found
+        checkpoint.load(engine, ckpt_dir, tag)
+        step, consumed, energy_before_j = meta["step"], meta["consumed_samples"], meta.get("energy_j", 0.0)
+        logger.event({"event": "resumed", "tag": tag, "step": step, "consumed_samples": consumed})
+
+    loader = DataLoader(sources, [s.weight for s in cfg.data.sources], layout, dp_rank, consumed,
+                        cfg.data.prefetch, device.type)
+    val_batches = validation_batches(sources, [s.weight for s in cfg.data.sources],
+                                     cfg.run.eval_batches * layout.micro_batch * dp_size, layout.micro_batch,
+                                     dp_rank, dp_size)
+    meter = energy.make_meter(device.type, env.local_rank, cluster.device_power_w or accel.power_w)
+    if rank == 0:
+        n = count_params(cfg.model, cfg.data.seq_len)
+        print(f"megatrain: {n['params'] / 1e6:.2f}M parameters, {world} processes (dp {dp_size} x tp {tp}), "
+              f"ZeRO-{cfg.parallel.zero_stage}, {cfg.precision}, global batch {layout.global_batch} x "
+              f"{layout.seq_len} tokens, {max_steps} steps; energy: {getattr(meter, 'reason', meter.method)}",
+              flush=True)
+
+    stop = StopFlag()
+    first_step, t_start = step, time.perf_counter()
+    t_last, data_wait, losses_since_log = t_start, 0.0, []
+    record: dict = {}
+    while step < max_steps:
+        lr = lr_at(step, cfg.optim, max_steps)
+        for group in engine.optimizer.param_groups:
+            group["lr"] = lr
+        t0 = time.perf_counter()
+        batches = loader.next_step()
+        data_wait += time.perf_counter() - t0
+        loss_sum = 0.0
+        for b in batches:
+            loss = engine(b.inputs, b.targets)
+            engine.backward(loss)
+            engine.step()
+            loss_sum += loss.detach().float().item()
+        step += 1
+        losses_since_log.append(loss_sum / len(batches))
+
+        last = step == max_steps
+        if step % cfg.run.log_every == 0 or last:
+            t_now = time.perf_counter()
+            n_steps = len(losses_since_log)
+            mean_loss = all_reduce_sum([sum(losses_since_log)])[0] / (n_steps * world)
+            reading = meter.read()
+            joules, power = all_reduce_sum([reading.joules, reading.power_w])
+            joules += energy_before_j
+            kwh_it = joules / 3.6e6
+            tok_s = n_steps * layout.tokens_per_step / (t_now - t_last)
+            record = {
+                "step": step, "tokens": loader.consumed_samples * layout.seq_len, "loss": mean_loss, "lr": lr,
+                "grad_norm": float(engine.get_global_grad_norm() or 0.0), "tokens_per_s": tok_s,
+                "tokens_per_s_per_gpu": tok_s / world, "tflops_per_gpu": flops_tok * tok_s / world / 1e12,
+                "mfu": mfu(flops_tok, tok_s / world, peak), "step_s": (t_now - t_last) / n_steps,
+                "data_wait_s": data_wait / n_steps, "mem_gb": _peak_memory_gb(device), "power_w": power,
+                "energy_kwh_it": kwh_it, "energy_kwh_facility": kwh_it * cluster.pue,
+                "co2_kg": kwh_it * cluster.pue * cluster.carbon_intensity_g_per_kwh / 1000,
+                "energy_method": reading.method,
+                "eta_s": (t_now - t_start) / (step - first_step) * (max_steps - step),
+            }
+            if cfg.run.eval_every and step % cfg.run.eval_every == 0 or last:
+                record["val_loss"] = evaluate(engine, val_batches, device)
+                record["val_ppl"] = math.exp(min(record["val_loss"], 50))
+            logger.log(record)
+            t_last, data_wait, losses_since_log = time.perf_counter(), 0.0, []
+
+        interrupted = stop.any_rank()
+        if last or interrupted or (cfg.run.ckpt_every and step % cfg.run.ckpt_every == 0):
+            joules = all_reduce_sum([meter.read().joules])[0] + energy_before_j
+            state = {"consumed_samples": loader.consumed_samples, "energy_j": joules, "config": asdict(cfg)}
+            folder = checkpoint.save(engine, ckpt_dir, step, state, keep=cfg.run.keep)
+            logger.event({"event": "checkpoint", "step": step, "path": str(folder)})
+        if interrupted:
+            logger.event({"event": "stopped_by_signal", "signal": stop.signal, "step": step})
+            break
+
+    loader.close()
+    logger.close()
+    summary = {"run_dir": str(run_dir), "steps": step, "interrupted": step < max_steps, **record}
+    return summary
+
+
+def _peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
