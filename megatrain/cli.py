@@ -73,12 +73,17 @@ def cmd_train(args) -> int:
     from megatrain.train import train
 
     summary = train(cfg)  # an exception propagates: the launcher (torchrun, srun) stops the other ranks
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"megatrain: {'stopped' if summary['interrupted'] else 'finished'} at step {summary['steps']}; "
               f"run directory {summary['run_dir']}", flush=True)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+        # Everything is written and closed. Skip the interpreter's teardown, where gloo's threads
+        # occasionally abort ("terminate called without an active exception", ~2% of exits).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

@@ -165,6 +165,8 @@ class RunConfig:
     """Optimizer steps to train; 0 derives it from `max_tokens`."""
     max_tokens: float = 0
     """Token budget; used when `max_steps` is 0."""
+    stop_at_step: int = 0
+    """Stop with a checkpoint after this step even if the schedule is longer (0: run to max_steps); for time-boxed jobs."""
     seed: int = 1234
     """Seed for weights and data order; same seed, data and config give the same losses."""
     log_every: int = 10

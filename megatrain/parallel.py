@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -48,9 +49,13 @@ def device_for(env: DistEnv) -> torch.device:
 
 def init_distributed(env: DistEnv) -> torch.device:
     """Create the default process group; MASTER_ADDR/MASTER_PORT must be set when world_size > 1."""
+    device = device_for(env)
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # say so, rather than let DeepSpeed warn it guessed
+    # DeepSpeed 0.19 calls a torch.distributed function that torch 2.13 deprecates; nothing for users to do
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
     import deepspeed
 
-    device = device_for(env)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
     # DeepSpeed reads these from the environment, whichever launcher started us

@@ -146,12 +146,14 @@ def train(cfg: Config) -> dict:
     val_batches = validation_batches(sources, [s.weight for s in cfg.data.sources],
                                      cfg.run.eval_batches * layout.micro_batch * dp_size, layout.micro_batch,
                                      dp_rank, dp_size)
-    meter = energy.make_meter(device.type, env.local_rank, cluster.device_power_w or accel.power_w)
+    meter = energy.make_meter(str(device), env.local_rank, cluster.device_power_w or accel.tdp_w or 0.0,
+                              fallback_source=f"cluster profile '{cluster.name}'" if cluster.device_power_w
+                              else f"{accel.name} board power")
     if rank == 0:
         n = count_params(cfg.model, cfg.data.seq_len)
         print(f"megatrain: {n['params'] / 1e6:.2f}M parameters, {world} processes (dp {dp_size} x tp {tp}), "
               f"ZeRO-{cfg.parallel.zero_stage}, {cfg.precision}, global batch {layout.global_batch} x "
-              f"{layout.seq_len} tokens, {max_steps} steps; energy: {getattr(meter, 'reason', meter.method)}",
+              f"{layout.seq_len} tokens, {max_steps} steps; {meter.reason}",
               flush=True)
 
     stop = StopFlag()
@@ -182,7 +184,7 @@ def train(cfg: Config) -> dict:
             reading = meter.read()
             joules, power = all_reduce_sum([reading.joules, reading.power_w])
             joules += energy_before_j
-            kwh_it = joules / 3.6e6
+            kwh_it, kwh_facility = joules / 3.6e6, energy.facility_kwh(joules, cluster.pue)
             tok_s = n_steps * layout.tokens_per_step / (t_now - t_last)
             record = {
                 "step": step, "tokens": loader.consumed_samples * layout.seq_len, "loss": mean_loss, "lr": lr,
@@ -190,8 +192,8 @@ def train(cfg: Config) -> dict:
                 "tokens_per_s_per_gpu": tok_s / world, "tflops_per_gpu": flops_tok * tok_s / world / 1e12,
                 "mfu": mfu(flops_tok, tok_s / world, peak), "step_s": (t_now - t_last) / n_steps,
                 "data_wait_s": data_wait / n_steps, "mem_gb": _peak_memory_gb(device), "power_w": power,
-                "energy_kwh_it": kwh_it, "energy_kwh_facility": kwh_it * cluster.pue,
-                "co2_kg": kwh_it * cluster.pue * cluster.carbon_intensity_g_per_kwh / 1000,
+                "energy_kwh_it": kwh_it, "energy_kwh_facility": kwh_facility,
+                "co2_kg": energy.co2_kg(kwh_facility, cluster.carbon_intensity_g_per_kwh),
                 "energy_method": reading.method,
                 "eta_s": (t_now - t_start) / (step - first_step) * (max_steps - step),
             }
@@ -201,14 +203,14 @@ def train(cfg: Config) -> dict:
             logger.log(record)
             t_last, data_wait, losses_since_log = time.perf_counter(), 0.0, []
 
-        interrupted = stop.any_rank()
+        interrupted = stop.any_rank() or step == cfg.run.stop_at_step
         if last or interrupted or (cfg.run.ckpt_every and step % cfg.run.ckpt_every == 0):
             joules = all_reduce_sum([meter.read().joules])[0] + energy_before_j
             state = {"consumed_samples": loader.consumed_samples, "energy_j": joules, "config": asdict(cfg)}
             folder = checkpoint.save(engine, ckpt_dir, step, state, keep=cfg.run.keep)
             logger.event({"event": "checkpoint", "step": step, "path": str(folder)})
         if interrupted:
-            logger.event({"event": "stopped_by_signal", "signal": stop.signal, "step": step})
+            logger.event({"event": "stopped", "reason": stop.signal or "run.stop_at_step", "step": step})
             break
 
     loader.close()
