@@ -112,6 +112,7 @@ install_packages() {
   local rc=0
   {
     export DEBIAN_FRONTEND=noninteractive
+    dpkg --configure -a   # finish an install that an earlier, killed run left half done
     apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}"
   } > /tmp/local_slurm.apt.log 2>&1 || rc=$?
   [ -n "$policy" ] && rm -f "$policy"
@@ -172,8 +173,11 @@ MpiDefault=none
 MailProg=/bin/true
 # A node that was DOWN (e.g. after a killed run) comes back as soon as its slurmd registers.
 ReturnToService=2
-# Seconds between SIGTERM and SIGKILL when a job is cancelled or hits its time limit.
+# Seconds between SIGTERM and SIGKILL when a job is cancelled or hits its time limit
+# (default 30). Measured: a --time=1 job ends TIMEOUT after ~67 s.
 KillWait=5
+# A daemon silent this long counts as down (defaults 120 s / 300 s): a test that kills a
+# slurmd sees its node DOWN (and its jobs NODE_FAIL/requeued) within a test's patience.
 SlurmctldTimeout=30
 SlurmdTimeout=30
 NodeName=DEFAULT CPUs=$CPUS RealMemory=$MEM_MB State=UNKNOWN
