@@ -74,7 +74,7 @@ class SlurmCluster:
         cwd = Path(cwd) if cwd is not None else Path.cwd()
         proc = subprocess.run(
             ["sbatch", "--parsable", f"--chdir={cwd}", *sbatch_args, str(script), *map(str, args)],
-            cwd=cwd, env=job_env, capture_output=True, text=True, timeout=30,
+            cwd=cwd, env=job_env, capture_output=True, text=True, timeout=30, check=False,
         )
         if proc.returncode != 0:
             raise RuntimeError(f"sbatch {script} failed (rc={proc.returncode}): {proc.stderr.strip()}")
@@ -150,7 +150,8 @@ class SlurmCluster:
 def _why_no_cluster() -> str | None:
     """Why this machine cannot get a local cluster, or None if it can."""
     if os.geteuid() != 0:
-        return "needs root to start a local Slurm cluster (or start it first: sudo tests/cluster/local_slurm.sh start)"
+        return ("needs root to start a local Slurm cluster "
+                "(or start it first: sudo tests/cluster/local_slurm.sh start)")
     if not shutil.which("slurmctld") and not (shutil.which("apt-get") and shutil.which("dpkg")):
         return "Slurm is not installed and there is no apt-get to install it"
     if CONF.exists() and CONF_MARK not in CONF.read_text(errors="replace").splitlines():
