@@ -308,7 +308,6 @@ class RepetitionFilter(DocFilter):
         for n in range(2, min(max_n, len(words)) + 1):
             pairs = gram_ids[:-1] * len(vocab) + ids[n - 1 :]
             _, first_index, gram_ids = np.unique(pairs, return_index=True, return_inverse=True)
-            gram_ids = gram_ids.reshape(-1)  # numpy 2.0.x returned the input's shape here
             if n in top_limits:
                 counts = np.bincount(gram_ids)
                 top = int(np.argmax(counts))  # ties: the smallest id, i.e. deterministic
