@@ -150,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-field", default="text", help="JSON field / parquet column holding the text")
     p.add_argument("--shard-tokens", type=int, default=50_000_000, help="tokens per shard (default 50M)")
     p.add_argument("--force", action="store_true", help="replace an existing dataset in --out")
+    p.epilog = "example:\n  megatrain prep corpus/ --out data/demo --vocab-size 4096"
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.set_defaults(func=cmd_prep)
 
     p = sub.add_parser("train", help="train a model from a run config",
@@ -162,15 +164,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="print parameters, FLOPs per token and batch layout as JSON, then exit")
     p.add_argument("--world-size", type=int, default=0, help="world size to resolve the batch for in --dry-run")
+    p.epilog = ("examples:\n  megatrain train configs/tiny.yaml --nproc 2\n"
+                "  megatrain train configs/tiny.yaml --dry-run model.preset=gopher-117m\n"
+                "  torchrun --nproc_per_node=4 -m megatrain.cli train configs/tiny.yaml run.max_steps=100")
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("report", help="plots and summary of a run directory",
-                       description="Read RUN_DIR/metrics.jsonl; write RUN_DIR/report/*.png and summary.md.")
-    p.add_argument("run_dir")
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Read RUN_DIR/metrics.jsonl (written by `megatrain train`), print a summary "
+                                   "(tokens, loss, throughput, MFU, energy, CO2 and how the energy was obtained) "
+                                   "and write RUN_DIR/report/: PNG plots, summary.md and summary.json.",
+                       epilog="example:\n  megatrain report runs/tiny-demo")
+    p.add_argument("run_dir", help="a run directory (it holds metrics.jsonl)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("config-doc", help="print the configuration reference (Markdown)",
-                       description="Render every config key with its type, default and docstring.")
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Render every run-config key (section.key) with its type, default and "
+                                   "docstring, as the Markdown table in docs/config.md.",
+                       epilog="example:\n  megatrain config-doc --out docs/config.md")
     p.add_argument("--out", help="write to this file instead of stdout")
     p.set_defaults(func=cmd_config_doc)
     return parser

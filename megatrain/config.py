@@ -206,7 +206,7 @@ class ClusterProfile:
     description: str = ""
     """One line about the machine."""
     accelerator: str = "cpu"
-    """Device model, a key of megatrain/hardware.py's table (e.g. `h100-sxm`, `a100-sxm-80gb`, `v100-sxm2-32gb`, `cpu`)."""
+    """Device model, a key of megatrain/hardware.py's table (e.g. `H100-SXM`, `A100-SXM-80GB`, `V100-SXM2-32GB`, `cpu`)."""
     device_power_w: float = 0.0
     """Power drawn per device (GPU board power, or per CPU process), used when energy cannot be measured; 0 takes the table's value."""
     peak_tflops: dict[str, float] = field(default_factory=dict)
@@ -550,6 +550,7 @@ def config_reference() -> str:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore
             tname = str(tp).replace("typing.", "").replace("megatrain.config.", "")
             tname = getattr(tp, "__name__", tname) if not typing.get_args(tp) else tname
+            tname = tname.replace("|", "\\|")  # a bare | would end the Markdown cell
             key = f"{prefix}.{f.name}" if prefix else f.name
             lines.append(f"| `{key}` | `{tname}` | `{default!r}` | {docs.get(f.name, '')} |")
         lines.append("")
@@ -559,4 +560,6 @@ def config_reference() -> str:
             section(cls2, pfx)
 
     section(Config, "")
+    lines += ["# Cluster profiles", "", "Files in configs/clusters/, named by the run's `cluster` key.", ""]
+    section(ClusterProfile, "clusters/<name>.yaml")
     return "\n".join(lines) + "\n"

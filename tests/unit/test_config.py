@@ -4,7 +4,14 @@ import typing
 import pytest
 
 from megatrain.config import (
-    Config, ConfigError, apply_override, config_reference, field_docs, load_cluster, load_config, resolve_batch,
+    Config,
+    ConfigError,
+    apply_override,
+    config_reference,
+    field_docs,
+    load_cluster,
+    load_config,
+    resolve_batch,
 )
 from tests.helpers import REPO
 

@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 
 from megatrain.shards import (
-    ChecksumMismatch, Dataset, FormatVersionError, Manifest, ManifestError, ShardError, token_dtype, write_shard,
+    ChecksumMismatch,
+    Dataset,
+    FormatVersionError,
+    Manifest,
+    ManifestError,
+    ShardError,
+    token_dtype,
+    write_shard,
 )
 
 
