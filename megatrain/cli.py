@@ -133,15 +133,12 @@ def cmd_config_doc(args) -> int:
 # ----------------------------------------------------------------------------- main
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="megatrain", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
-        description="Pretrain GPT-style language models: prepare data, train with DeepSpeed, report cost.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def add_prep(sub) -> None:
     p = sub.add_parser("prep", help="raw text -> tokenizer + Arrow token shards",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Read raw text (jsonl, txt, parquet; .gz/.zst), train a byte-level BPE "
-                                   "tokenizer or load one, tokenize, and write Arrow shards with a manifest.")
+                                   "tokenizer or load one, tokenize, and write Arrow shards with a manifest.",
+                       epilog="example:\n  megatrain prep corpus/ --out data/demo --vocab-size 4096")
     p.add_argument("inputs", nargs="+", help="input files, directories or globs")
     p.add_argument("--out", required=True, help="output dataset directory")
     group = p.add_mutually_exclusive_group()
@@ -150,26 +147,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-field", default="text", help="JSON field / parquet column holding the text")
     p.add_argument("--shard-tokens", type=int, default=50_000_000, help="tokens per shard (default 50M)")
     p.add_argument("--force", action="store_true", help="replace an existing dataset in --out")
-    p.epilog = "example:\n  megatrain prep corpus/ --out data/demo --vocab-size 4096"
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.set_defaults(func=cmd_prep)
 
+
+def add_train(sub) -> None:
     p = sub.add_parser("train", help="train a model from a run config",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Train with DeepSpeed from a YAML run config; key=value arguments override "
                                    "config keys (e.g. optim.lr=3e-4 run.max_steps=100). Under torchrun or srun "
-                                   "every process runs this; --nproc starts local processes itself.")
+                                   "every process runs this; --nproc starts local processes itself.",
+                       epilog="examples:\n  megatrain train configs/tiny.yaml --nproc 2\n"
+                              "  megatrain train configs/tiny.yaml --dry-run model.preset=gopher-117m\n"
+                              "  torchrun --nproc_per_node=4 -m megatrain.cli train configs/tiny.yaml run.max_steps=100")
     p.add_argument("config", help="run config YAML, e.g. configs/tiny.yaml")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.add_argument("--nproc", type=int, default=1, help="local processes to start (CPU or GPUs), default 1")
     p.add_argument("--dry-run", action="store_true",
                    help="print parameters, FLOPs per token and batch layout as JSON, then exit")
     p.add_argument("--world-size", type=int, default=0, help="world size to resolve the batch for in --dry-run")
-    p.epilog = ("examples:\n  megatrain train configs/tiny.yaml --nproc 2\n"
-                "  megatrain train configs/tiny.yaml --dry-run model.preset=gopher-117m\n"
-                "  torchrun --nproc_per_node=4 -m megatrain.cli train configs/tiny.yaml run.max_steps=100")
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.set_defaults(func=cmd_train)
 
+
+def add_report(sub) -> None:
     p = sub.add_parser("report", help="plots and summary of a run directory",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Read RUN_DIR/metrics.jsonl (written by `megatrain train`), print a summary "
@@ -179,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a run directory (it holds metrics.jsonl)")
     p.set_defaults(func=cmd_report)
 
+
+def add_config_doc(sub) -> None:
     p = sub.add_parser("config-doc", help="print the configuration reference (Markdown)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Render every run-config key (section.key) with its type, default and "
@@ -186,6 +187,18 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="example:\n  megatrain config-doc --out docs/config.md")
     p.add_argument("--out", help="write to this file instead of stdout")
     p.set_defaults(func=cmd_config_doc)
+
+
+SUBCOMMANDS = [add_prep, add_train, add_report, add_config_doc]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="megatrain", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+        description="Pretrain GPT-style language models: prepare data, train with DeepSpeed, report cost.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in SUBCOMMANDS:
+        add(sub)
     return parser
 
 

@@ -19,10 +19,74 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from megatrain import energy
+from megatrain.parallel import all_reduce_sum
+
 
 def mfu(flops_per_token: float, tokens_per_s_per_device: float, peak_flops: float) -> float:
     """Model FLOPs utilization: achieved model FLOP/s per device over the device's dense peak."""
     return flops_per_token * tokens_per_s_per_device / peak_flops if peak_flops > 0 else 0.0
+
+
+class StepMetrics:
+    """Measurements of the steps since the last log line, turned into one record for all ranks.
+
+    `observe()` is called by every rank after each optimizer step (cheap, local); `collect()` is
+    collective: it averages the loss over ranks, sums energy over ranks, and derives throughput,
+    MFU, energy and CO2.
+    """
+
+    def __init__(self, *, tokens_per_step: int, world_size: int, flops_per_token: float, peak_flops: float,
+                 meter, pue: float, intensity_g_per_kwh: float, device: torch.device, max_steps: int,
+                 first_step: int, energy_before_j: float = 0.0):
+        self.tokens_per_step, self.world_size = tokens_per_step, world_size
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.meter, self.pue, self.intensity = meter, pue, intensity_g_per_kwh
+        self.device, self.max_steps, self.first_step = device, max_steps, first_step
+        self.energy_before_j = energy_before_j
+        self.t_start = self.t_last = time.perf_counter()
+        self.losses: list[float] = []
+        self.data_wait_s = 0.0
+
+    def observe(self, loss: float, data_wait_s: float) -> None:
+        self.losses.append(loss)
+        self.data_wait_s += data_wait_s
+
+    def energy_joules(self) -> float:
+        """IT energy of the whole job so far, all ranks, earlier jobs of this run included (collective)."""
+        return all_reduce_sum([self.meter.read().joules])[0] + self.energy_before_j
+
+    def collect(self, step: int, **extra) -> dict:
+        now = time.perf_counter()
+        n = max(len(self.losses), 1)
+        loss_sum, joules, power = all_reduce_sum([sum(self.losses), self.meter.read().joules, self.meter.read().power_w])
+        joules += self.energy_before_j
+        tok_s = n * self.tokens_per_step / (now - self.t_last)
+        per_device = tok_s / self.world_size
+        kwh_facility = energy.facility_kwh(joules, self.pue)
+        record = {
+            "step": step, "loss": loss_sum / (n * self.world_size), **extra,
+            "tokens_per_s": tok_s, "tokens_per_s_per_gpu": per_device,
+            "tflops_per_gpu": self.flops_per_token * per_device / 1e12,
+            "mfu": mfu(self.flops_per_token, per_device, self.peak_flops),
+            "step_s": (now - self.t_last) / n, "data_wait_s": self.data_wait_s / n,
+            "mem_gb": peak_memory_gb(self.device), "power_w": power,
+            "energy_kwh_it": joules / 3.6e6, "energy_kwh_facility": kwh_facility,
+            "co2_kg": energy.co2_kg(kwh_facility, self.intensity), "energy_method": self.meter.method,
+            "eta_s": (now - self.t_start) / max(step - self.first_step, 1) * (self.max_steps - step),
+        }
+        self.t_last, self.losses, self.data_wait_s = time.perf_counter(), [], 0.0
+        return record
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
 class JsonlSink:

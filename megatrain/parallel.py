@@ -101,6 +101,16 @@ def apply_activation_checkpointing(model: torch.nn.Module) -> None:
         block.forward = functools.partial(checkpoint, type(block).forward.__get__(block), use_reentrant=False)
 
 
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Sum a few floats over all ranks (identity when not distributed)."""
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
 def build_engine(model: torch.nn.Module, cfg: Config, layout: BatchLayout, device: torch.device):
     """Wrap the model in a DeepSpeed engine with our AdamW; returns the engine."""
     import deepspeed

@@ -9,7 +9,6 @@ Every rank runs this same function (torchrun, srun, or `megatrain train --nproc 
 from __future__ import annotations
 
 import math
-import signal
 import subprocess
 import sys
 import time
@@ -17,19 +16,17 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import yaml
 
 from megatrain import checkpoint, energy, hardware
 from megatrain.config import Config, ConfigError, load_cluster, resolve_batch
-from megatrain.data import DataLoader, PackedSamples, validation_batches
-from megatrain.metrics import MetricsLogger, mfu
+from megatrain.data import IGNORE_INDEX, DataLoader, PackedSamples, validation_batches
+from megatrain.launch import StopRequest
+from megatrain.metrics import MetricsLogger, StepMetrics
 from megatrain.model import Transformer, count_params, flops_per_token
 from megatrain.optim import lr_at
-from megatrain.parallel import DistEnv, build_engine, init_distributed
+from megatrain.parallel import DistEnv, all_reduce_sum, build_engine, init_distributed
 from megatrain.shards import Dataset
-
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
 def software_versions() -> dict:
@@ -55,13 +52,6 @@ def open_sources(cfg: Config, rank: int) -> list[PackedSamples]:
             for i, d in enumerate(datasets)]
 
 
-def all_reduce_sum(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
-
-
 @torch.no_grad()
 def evaluate(engine, batches, device) -> float:
     """Mean validation loss per token over all ranks' batches."""
@@ -69,27 +59,12 @@ def evaluate(engine, batches, device) -> float:
     loss_sum, count = 0.0, 0
     for b in batches:
         loss = engine(b.inputs.to(device), b.targets.to(device))
-        n = int((b.targets != -100).sum())
+        n = int((b.targets != IGNORE_INDEX).sum())
         if n:
             loss_sum, count = loss_sum + float(loss) * n, count + n
     engine.train()
     loss_sum, count = all_reduce_sum([loss_sum, count])
     return loss_sum / max(count, 1)
-
-
-class StopFlag:
-    """Set by SIGUSR1/SIGTERM (Slurm's warning before the time limit): finish the step, save, exit."""
-
-    def __init__(self):
-        self.signal = None
-        for s in STOP_SIGNALS:
-            signal.signal(s, self._handle)
-
-    def _handle(self, signum, frame):
-        self.signal = signal.Signals(signum).name
-
-    def any_rank(self) -> bool:
-        return all_reduce_sum([1.0 if self.signal else 0.0])[0] > 0
 
 
 def train(cfg: Config) -> dict:
@@ -156,9 +131,11 @@ def train(cfg: Config) -> dict:
               f"{layout.seq_len} tokens, {max_steps} steps; {meter.reason}",
               flush=True)
 
-    stop = StopFlag()
-    first_step, t_start = step, time.perf_counter()
-    t_last, data_wait, losses_since_log = t_start, 0.0, []
+    stop = StopRequest()
+    metrics = StepMetrics(tokens_per_step=layout.tokens_per_step, world_size=world, flops_per_token=flops_tok,
+                          peak_flops=peak, meter=meter, pue=cluster.pue,
+                          intensity_g_per_kwh=cluster.carbon_intensity_g_per_kwh, device=device,
+                          max_steps=max_steps, first_step=step, energy_before_j=energy_before_j)
     record: dict = {}
     while step < max_steps:
         lr = lr_at(step, cfg.optim, max_steps)
@@ -166,7 +143,7 @@ def train(cfg: Config) -> dict:
             group["lr"] = lr
         t0 = time.perf_counter()
         batches = loader.next_step()
-        data_wait += time.perf_counter() - t0
+        data_wait = time.perf_counter() - t0
         loss_sum = 0.0
         for b in batches:
             loss = engine(b.inputs, b.targets)
@@ -174,39 +151,21 @@ def train(cfg: Config) -> dict:
             engine.step()
             loss_sum += loss.detach().float().item()
         step += 1
-        losses_since_log.append(loss_sum / len(batches))
+        metrics.observe(loss_sum / len(batches), data_wait)
 
         last = step == max_steps
         if step % cfg.run.log_every == 0 or last:
-            t_now = time.perf_counter()
-            n_steps = len(losses_since_log)
-            mean_loss = all_reduce_sum([sum(losses_since_log)])[0] / (n_steps * world)
-            reading = meter.read()
-            joules, power = all_reduce_sum([reading.joules, reading.power_w])
-            joules += energy_before_j
-            kwh_it, kwh_facility = joules / 3.6e6, energy.facility_kwh(joules, cluster.pue)
-            tok_s = n_steps * layout.tokens_per_step / (t_now - t_last)
-            record = {
-                "step": step, "tokens": loader.consumed_samples * layout.seq_len, "loss": mean_loss, "lr": lr,
-                "grad_norm": float(engine.get_global_grad_norm() or 0.0), "tokens_per_s": tok_s,
-                "tokens_per_s_per_gpu": tok_s / world, "tflops_per_gpu": flops_tok * tok_s / world / 1e12,
-                "mfu": mfu(flops_tok, tok_s / world, peak), "step_s": (t_now - t_last) / n_steps,
-                "data_wait_s": data_wait / n_steps, "mem_gb": _peak_memory_gb(device), "power_w": power,
-                "energy_kwh_it": kwh_it, "energy_kwh_facility": kwh_facility,
-                "co2_kg": energy.co2_kg(kwh_facility, cluster.carbon_intensity_g_per_kwh),
-                "energy_method": reading.method,
-                "eta_s": (t_now - t_start) / (step - first_step) * (max_steps - step),
-            }
+            record = metrics.collect(step, tokens=loader.consumed_samples * layout.seq_len, lr=lr,
+                                     grad_norm=float(engine.get_global_grad_norm() or 0.0))
             if cfg.run.eval_every and step % cfg.run.eval_every == 0 or last:
                 record["val_loss"] = evaluate(engine, val_batches, device)
                 record["val_ppl"] = math.exp(min(record["val_loss"], 50))
             logger.log(record)
-            t_last, data_wait, losses_since_log = time.perf_counter(), 0.0, []
 
         interrupted = stop.any_rank() or step == cfg.run.stop_at_step
         if last or interrupted or (cfg.run.ckpt_every and step % cfg.run.ckpt_every == 0):
-            joules = all_reduce_sum([meter.read().joules])[0] + energy_before_j
-            state = {"consumed_samples": loader.consumed_samples, "energy_j": joules, "config": asdict(cfg)}
+            state = {"consumed_samples": loader.consumed_samples, "energy_j": metrics.energy_joules(),
+                     "config": asdict(cfg)}
             folder = checkpoint.save(engine, ckpt_dir, step, state, keep=cfg.run.keep)
             logger.event({"event": "checkpoint", "step": step, "path": str(folder)})
         if interrupted:
@@ -217,11 +176,3 @@ def train(cfg: Config) -> dict:
     logger.close()
     summary = {"run_dir": str(run_dir), "steps": step, "interrupted": step < max_steps, **record}
     return summary
-
-
-def _peak_memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
