@@ -17,6 +17,8 @@ import json
 import os
 import random
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +29,8 @@ from megatrain.shards import atomic_write_bytes, sha256_file
 
 MANIFEST = "megatrain-checkpoint.json"
 LATEST = "latest"
+UNIVERSAL_SUFFIX = "-universal"
+UNIVERSAL_DONE = "megatrain-universal.done"
 
 
 class CheckpointError(Exception):
@@ -81,7 +85,7 @@ def _hash_files(folder: Path, names: list[str]) -> dict:
 
 
 def save(engine, ckpt_dir: str | os.PathLike, step: int, client_state: dict, keep: int = 3,
-         permanent_every: int = 0) -> Path:
+         keep_every: int = 0) -> Path:
     """Save a complete checkpoint of `engine` after `step` optimizer steps; collective (all ranks call it)."""
     rank, world = _rank_world()
     ckpt_dir = Path(ckpt_dir)
@@ -101,18 +105,21 @@ def save(engine, ckpt_dir: str | os.PathLike, step: int, client_state: dict, kee
         manifest = {"step": step, "tag": tag, "world_size": world, "files": files, **client_state}
         atomic_write_bytes(folder / MANIFEST, json.dumps(manifest, indent=1, default=str).encode())
         atomic_write_bytes(ckpt_dir / LATEST, tag.encode())
-        prune(ckpt_dir, keep, permanent_every)
+        prune(ckpt_dir, keep, keep_every)
     _barrier()
     return folder
 
 
-def prune(ckpt_dir: Path, keep: int, permanent_every: int = 0) -> None:
-    """Delete all but the newest `keep` complete checkpoints, sparing every `permanent_every`-th step."""
+def prune(ckpt_dir: Path, keep: int, keep_every: int = 0) -> None:
+    """Delete all but the newest `keep` complete checkpoints, sparing the steps that are multiples of `keep_every`."""
     tags = complete_tags(ckpt_dir)
     for tag in tags[:-keep] if keep > 0 else []:
         step = int(tag.removeprefix("step"))
-        if permanent_every and step % permanent_every == 0:
+        if keep_every and step % keep_every == 0:
             continue
+        shutil.rmtree(ckpt_dir / f"{tag}{UNIVERSAL_SUFFIX}", ignore_errors=True)
+        # the manifest goes first: a half-deleted folder is then never taken for a checkpoint
+        (ckpt_dir / tag / MANIFEST).unlink(missing_ok=True)
         shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
 
 
@@ -166,3 +173,41 @@ def load(engine, ckpt_dir: str | os.PathLike, tag: str) -> dict:
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
     return client_state or {}
+
+
+def needs_universal(meta: dict, dp_size: int, tp_size: int, zero_stage: int) -> bool:
+    """A ZeRO checkpoint shards optimizer state by data-parallel rank: another layout must go through
+    DeepSpeed's universal format. (ZeRO-0 keeps whole states and loads at any data-parallel size.)"""
+    saved = meta.get("layout", {})
+    if not saved or saved.get("zero_stage", 0) == 0 and zero_stage == 0 and saved.get("tp_size", 1) == tp_size:
+        return False
+    return (saved.get("dp_size"), saved.get("tp_size"), saved.get("zero_stage")) != (dp_size, tp_size, zero_stage)
+
+
+def to_universal(ckpt_dir: str | os.PathLike, tag: str, log=print) -> str:
+    """Convert checkpoint `tag` to DeepSpeed's universal format once (rank 0; collective); returns its tag.
+
+    Runs `python -m deepspeed.checkpoint.ds_to_universal --inject_missing_state` (the missing-state
+    injection is what makes ZeRO-1/2 checkpoints convertible); its output goes to convert.log.
+    """
+    rank, _ = _rank_world()
+    ckpt_dir = Path(ckpt_dir)
+    out_tag = f"{tag}{UNIVERSAL_SUFFIX}"
+    out = ckpt_dir / out_tag
+    if rank == 0 and not (out / UNIVERSAL_DONE).exists():
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        log({"event": "universal_conversion", "tag": tag, "output": str(out)})
+        with open(out / "convert.log", "w") as logfile:
+            result = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+                                     "--input_folder", str(ckpt_dir / tag), "--output_folder", str(out),
+                                     "--inject_missing_state", "--num_extract_workers", "2",
+                                     "--num_merge_workers", "1"], stdout=logfile, stderr=subprocess.STDOUT)
+        ok = result.returncode == 0
+        if ok:
+            (out / UNIVERSAL_DONE).write_text(tag)
+    else:
+        ok = True
+    if not all(_all_gather(ok)):
+        raise CheckpointError(f"converting {ckpt_dir / tag} to a universal checkpoint failed; see {out}/convert.log")
+    return out_tag

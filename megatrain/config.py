@@ -179,10 +179,26 @@ class RunConfig:
     """Steps between checkpoints (0: only at the end)."""
     keep: int = 3
     """Most recent checkpoints kept; older ones are deleted."""
+    keep_every: int = 0
+    """Also keep, forever, the checkpoints of steps that are multiples of this (0: none)."""
     resume: Literal["auto", "never"] = "auto"
     """`auto` continues from the run directory's latest valid checkpoint, if any."""
     compile: bool = False
     """Wrap the model in torch.compile (GPU)."""
+
+
+@dataclass
+class GuardConfig:
+    """Stability guard: skip non-finite updates, flag loss spikes, roll back after repeated trouble."""
+
+    spike_window: int = 100
+    """Recent steps whose losses the spike detector compares each new loss against."""
+    spike_zscore: float = 6.0
+    """A loss this many standard deviations above the window's mean is a spike (0 disables spike detection)."""
+    max_bad_steps: int = 3
+    """Bad steps (non-finite or spike) in a row before rolling back to the last checkpoint (0: never roll back)."""
+    max_rollbacks: int = 5
+    """Rollbacks allowed in one job before the run stops with an error."""
 
 
 @dataclass
@@ -246,6 +262,8 @@ class Config:
     """Training precision: bf16 on A100/H100, fp16 (dynamic loss scaling) on V100, fp32 for exact CPU tests."""
     run: RunConfig = field(default_factory=RunConfig)
     """Run length and cadence."""
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    """Stability guard."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
     """Weights & Biases."""
     cluster: str = "local"

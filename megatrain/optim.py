@@ -22,9 +22,26 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+class AdamW(torch.optim.AdamW):
+    """torch's AdamW that can be told to leave out its next step.
+
+    ZeRO optimizers discard a step whose gradient norm is not finite; without ZeRO DeepSpeed
+    calls the optimizer regardless, so the trainer sets `skip_next` instead: parameters and
+    moments stay exactly as they were.
+    """
+
+    skip_next = False
+
+    def step(self, closure=None):
+        if self.skip_next:
+            self.skip_next = False
+            return None
+        return super().step(closure)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device) -> AdamW:
     # torch's AdamW, fused on GPU; on CPU DeepSpeed's own Adam would JIT-compile an op for minutes
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+    return AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                              eps=cfg.eps, fused=device.type == "cuda")
 
 

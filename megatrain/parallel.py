@@ -65,7 +65,7 @@ def init_distributed(env: DistEnv) -> torch.device:
     return device
 
 
-def deepspeed_config(cfg: Config, layout: BatchLayout) -> dict:
+def deepspeed_config(cfg: Config, layout: BatchLayout, load_universal: bool = False) -> dict:
     p = cfg.parallel
     zero: dict = {"stage": p.zero_stage}
     if p.zero_stage >= 2:
@@ -84,6 +84,8 @@ def deepspeed_config(cfg: Config, layout: BatchLayout) -> dict:
         "steps_per_print": 2**31 - 1,          # we log ourselves
         "wall_clock_breakdown": False,
     }
+    if load_universal:  # resuming a checkpoint saved with another parallel layout
+        ds["checkpoint"] = {"load_universal": True}
     if cfg.precision == "bf16":
         ds["bf16"] = {"enabled": True}
     elif cfg.precision == "fp16":
@@ -111,12 +113,14 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
-def build_engine(model: torch.nn.Module, cfg: Config, layout: BatchLayout, device: torch.device):
-    """Wrap the model in a DeepSpeed engine with our AdamW; returns the engine."""
+def build_engine(model: torch.nn.Module, cfg: Config, layout: BatchLayout, device: torch.device,
+                 load_universal: bool = False):
+    """Wrap the model in a DeepSpeed engine with our AdamW; returns (engine, the AdamW it wraps)."""
     import deepspeed
 
     if cfg.parallel.activation_checkpointing:
         apply_activation_checkpointing(model)
     optimizer = build_optimizer(model, cfg.optim, device)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, layout))
-    return engine
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                      config=deepspeed_config(cfg, layout, load_universal))
+    return engine, optimizer

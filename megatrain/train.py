@@ -1,14 +1,16 @@
 """The training loop.
 
-    set up:  process group -> datasets -> model -> DeepSpeed engine -> resume -> data loader
-    loop:    next batch -> forward/backward per micro-batch -> optimizer step -> log, eval, checkpoint
-    finish:  last validation, last checkpoint, summary
+    Trainer(cfg):  process group -> datasets -> model -> resume point -> DeepSpeed engine -> data loader
+    Trainer.run(): next batch -> forward/backward per micro-batch -> optimizer step -> guard
+                   -> log (+ eval) -> checkpoint -> stop on signal
+    finish:        last validation, last checkpoint, summary
 
-Every rank runs this same function (torchrun, srun, or `megatrain train --nproc N`).
+Every rank runs this same code (torchrun, srun, or `megatrain train --nproc N`).
 """
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 import time
@@ -21,6 +23,7 @@ import yaml
 from megatrain import checkpoint, energy, hardware
 from megatrain.config import Config, ConfigError, load_cluster, resolve_batch
 from megatrain.data import IGNORE_INDEX, DataLoader, PackedSamples, validation_batches
+from megatrain.guard import StabilityGuard
 from megatrain.launch import StopRequest
 from megatrain.metrics import MetricsLogger, StepMetrics
 from megatrain.model import Transformer, count_params, flops_per_token
@@ -28,21 +31,25 @@ from megatrain.optim import lr_at
 from megatrain.parallel import DistEnv, all_reduce_sum, build_engine, init_distributed
 from megatrain.shards import Dataset
 
+# Test hook: optimizer steps whose loss becomes NaN on rank 0, once each (as bad data would, until skipped).
+INJECT_NAN_ENV = "MEGATRAIN_INJECT_NAN_AT_STEPS"
+
 
 def software_versions() -> dict:
     import deepspeed
 
-    versions = {"python": sys.version.split()[0], "torch": str(torch.__version__), "deepspeed": str(deepspeed.__version__)}
+    versions = {"python": sys.version.split()[0], "torch": str(torch.__version__),
+                "deepspeed": str(deepspeed.__version__)}
     try:
         root = Path(__file__).resolve().parent.parent
         versions["git_commit"] = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                                                text=True, timeout=5).stdout.strip() or None
+                                                text=True, timeout=5, check=False).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         versions["git_commit"] = None
     return versions
 
 
-def open_sources(cfg: Config, rank: int) -> list[PackedSamples]:
+def open_sources(cfg: Config) -> list[PackedSamples]:
     datasets = [Dataset(src.path, verify=cfg.data.verify_checksums) for src in cfg.data.sources]
     tokenizers = {d.manifest.tokenizer_sha256 for d in datasets}
     if len(tokenizers) > 1:
@@ -52,127 +59,215 @@ def open_sources(cfg: Config, rank: int) -> list[PackedSamples]:
             for i, d in enumerate(datasets)]
 
 
-@torch.no_grad()
-def evaluate(engine, batches, device) -> float:
-    """Mean validation loss per token over all ranks' batches."""
-    engine.eval()
-    loss_sum, count = 0.0, 0
-    for b in batches:
-        loss = engine(b.inputs.to(device), b.targets.to(device))
-        n = int((b.targets != IGNORE_INDEX).sum())
-        if n:
-            loss_sum, count = loss_sum + float(loss) * n, count + n
-    engine.train()
-    loss_sum, count = all_reduce_sum([loss_sum, count])
-    return loss_sum / max(count, 1)
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        env = DistEnv.from_environ()
+        self.device = init_distributed(env)
+        self.rank, self.world = env.rank, env.world_size
+        tp = cfg.parallel.tensor
+        if self.world % tp:
+            raise ConfigError(f"'parallel.tensor' ({tp}) must divide the number of processes ({self.world})")
+        self.dp_size, self.dp_rank = self.world // tp, self.rank // tp
+        self.run_dir, self.ckpt_dir = cfg.run_dir, cfg.run_dir / "checkpoints"
+        self.cluster = load_cluster(cfg.cluster)
+
+        self.sources = open_sources(cfg)
+        vocab = self.sources[0].dataset.manifest.vocab_size
+        if cfg.model.vocab_size == 0:
+            cfg.model.vocab_size = cfg.model.vocab_multiple * math.ceil(vocab / cfg.model.vocab_multiple)
+        elif cfg.model.vocab_size < vocab:
+            raise ConfigError(f"'model.vocab_size' ({cfg.model.vocab_size}) is smaller than the tokenizer's "
+                              f"({vocab}); set it to 0 to take the dataset's")
+        self.layout = resolve_batch(cfg, self.dp_size)
+        self.max_steps = cfg.run.max_steps or math.ceil(cfg.run.max_tokens / self.layout.tokens_per_step)
+        self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
+        accel = hardware.detect_accelerator()
+        self.peak_flops = (self.cluster.peak_tflops.get(cfg.precision, 0) * 1e12
+                           or hardware.peak_flops(accel, cfg.precision))
+
+        self.logger = MetricsLogger(self.run_dir, enabled=self.rank == 0, wandb_args={
+            "name": cfg.run.name, "mode": cfg.wandb.mode, "project": cfg.wandb.project, "entity": cfg.wandb.entity,
+            "config": {"config": asdict(cfg), "cluster": asdict(self.cluster)}})
+        if self.rank == 0:
+            self._write_resolved_config()
+
+        # The resume point decides how the engine is built: a checkpoint from another
+        # (dp, tp, ZeRO) layout loads through DeepSpeed's universal format.
+        self.step, self.consumed, self.energy_before_j, self.skipped = 0, 0, 0.0, 0
+        found = checkpoint.find_resumable(self.ckpt_dir, log=self.logger.event) if cfg.run.resume == "auto" else None
+        load_tag, universal = None, False
+        if found:
+            load_tag, meta = found
+            universal = checkpoint.needs_universal(meta, self.dp_size, tp, cfg.parallel.zero_stage)
+            if universal:
+                load_tag = checkpoint.to_universal(self.ckpt_dir, load_tag, log=self.logger.event)
+            self.step, self.consumed = meta["step"], meta["consumed_samples"]
+            self.energy_before_j, self.skipped = meta.get("energy_j", 0.0), meta.get("skipped_steps", 0)
+
+        torch.manual_seed(cfg.run.seed)
+        self.engine, self.optimizer = build_engine(Transformer(cfg.model, cfg.data.seq_len), cfg, self.layout, self.device,
+                                   load_universal=universal)
+        if load_tag:
+            checkpoint.load(self.engine, self.ckpt_dir, load_tag)
+            self.logger.event({"event": "resumed", "tag": load_tag, "step": self.step,
+                               "consumed_samples": self.consumed, "universal": universal})
+
+        self.weights = [s.weight for s in cfg.data.sources]
+        self.loader = self._loader(self.consumed)
+        self.val_batches = validation_batches(self.sources, self.weights,
+                                              cfg.run.eval_batches * self.layout.micro_batch * self.dp_size,
+                                              self.layout.micro_batch, self.dp_rank, self.dp_size)
+        self.meter = energy.make_meter(
+            str(self.device), env.local_rank, self.cluster.device_power_w or accel.tdp_w or 0.0,
+            fallback_source=(f"cluster profile '{self.cluster.name}'" if self.cluster.device_power_w
+                             else f"{accel.name} board power"))
+        self.guard = StabilityGuard(cfg.guard)
+        self.stop = StopRequest()
+        self.inject_nan = {int(s) for s in os.environ.get(INJECT_NAN_ENV, "").split(",") if s}
+
+    def _loader(self, consumed: int) -> DataLoader:
+        return DataLoader(self.sources, self.weights, self.layout, self.dp_rank, consumed, self.cfg.data.prefetch,
+                          self.device.type)
+
+    def _write_resolved_config(self) -> None:
+        cfg = self.cfg
+        resolved = {"cluster_profile": asdict(self.cluster), "world_size": self.world, "dp_size": self.dp_size,
+                    "batch": {**asdict(self.layout), "global_batch": self.layout.global_batch},
+                    "max_steps": self.max_steps, **count_params(cfg.model, cfg.data.seq_len),
+                    "flops_per_token": self.flops_per_token, "versions": software_versions()}
+        (self.run_dir / "config.yaml").write_text(yaml.safe_dump({**asdict(cfg), "resolved": resolved},
+                                                                 sort_keys=False))
+
+    # ------------------------------------------------------------------------- one step
+
+    def train_step(self) -> tuple[float, bool, bool]:
+        """Forward/backward over this rank's micro-batches and one optimizer step.
+
+        Returns (mean loss over all ranks, update skipped, stop requested) — agreed by all ranks.
+        """
+        engine = self.engine
+        batches = self.loader.next_step()
+        skipped_before = engine.skipped_steps
+        loss_sum, nonfinite = 0.0, 0.0
+        for i, b in enumerate(batches):
+            loss = engine(b.inputs, b.targets)
+            if self.step + 1 in self.inject_nan and i == len(batches) - 1:
+                self.inject_nan.discard(self.step + 1)
+                if self.rank == 0:
+                    loss = loss * float("nan")
+            engine.backward(loss)
+            loss_sum += loss.detach().float().item()
+            if i == len(batches) - 1:
+                # one collective per step: the loss, whether any rank saw a non-finite loss, stop votes
+                loss_sum, nonfinite, stop_votes = all_reduce_sum(
+                    [loss_sum, 0.0 if math.isfinite(loss_sum) else 1.0, 1.0 if self.stop.signal else 0.0])
+                if nonfinite and self.cfg.parallel.zero_stage == 0:
+                    self.optimizer.skip_next = True  # ZeRO 1-3 discard non-finite steps by themselves
+            engine.step()
+        skipped = bool(nonfinite) or engine.skipped_steps > skipped_before
+        return loss_sum / (len(batches) * self.world), skipped, stop_votes > 0
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean validation loss per token over all ranks' batches."""
+        self.engine.eval()
+        loss_sum, count = 0.0, 0
+        for b in self.val_batches:
+            loss = self.engine(b.inputs.to(self.device), b.targets.to(self.device))
+            n = int((b.targets != IGNORE_INDEX).sum())
+            if n:
+                loss_sum, count = loss_sum + float(loss) * n, count + n
+        self.engine.train()
+        loss_sum, count = all_reduce_sum([loss_sum, count])
+        return loss_sum / max(count, 1)
+
+    def save(self, metrics: StepMetrics) -> None:
+        state = {"consumed_samples": self.loader.consumed_samples, "energy_j": metrics.energy_joules(),
+                 "skipped_steps": self.skipped, "config": asdict(self.cfg),
+                 "layout": {"dp_size": self.dp_size, "tp_size": self.cfg.parallel.tensor,
+                            "zero_stage": self.cfg.parallel.zero_stage}}
+        folder = checkpoint.save(self.engine, self.ckpt_dir, self.step, state, keep=self.cfg.run.keep,
+                                 keep_every=self.cfg.run.keep_every)
+        self.logger.event({"event": "checkpoint", "step": self.step, "path": str(folder)})
+
+    def roll_back(self) -> bool:
+        """Reload the last checkpoint's weights and optimizer, but keep reading from the current data position."""
+        found = checkpoint.find_resumable(self.ckpt_dir, log=self.logger.event)
+        if not found:
+            self.logger.event({"event": "rollback_impossible", "step": self.step, "reason": "no checkpoint yet"})
+            return False
+        tag, meta = found
+        checkpoint.load(self.engine, self.ckpt_dir, tag)
+        skipped_from = meta["consumed_samples"]
+        self.loader.close()
+        self.loader = self._loader(self.consumed_now)
+        self.logger.event({"event": "rollback", "from_step": self.step, "to_step": meta["step"], "tag": tag,
+                           "skipped_samples": [skipped_from, self.consumed_now]})
+        self.step = meta["step"]
+        return True
+
+    @property
+    def consumed_now(self) -> int:
+        return self.loader.consumed_samples
+
+    # ------------------------------------------------------------------------- the loop
+
+    def run(self) -> dict:
+        cfg, layout = self.cfg, self.layout
+        if self.rank == 0:
+            n = count_params(cfg.model, cfg.data.seq_len)
+            print(f"megatrain: {n['params'] / 1e6:.2f}M parameters, {self.world} processes (dp {self.dp_size} x "
+                  f"tp {cfg.parallel.tensor}), ZeRO-{cfg.parallel.zero_stage}, {cfg.precision}, global batch "
+                  f"{layout.global_batch} x {layout.seq_len} tokens, {self.max_steps} steps; {self.meter.reason}",
+                  flush=True)
+        metrics = StepMetrics(tokens_per_step=layout.tokens_per_step, world_size=self.world,
+                              flops_per_token=self.flops_per_token, peak_flops=self.peak_flops, meter=self.meter,
+                              pue=self.cluster.pue, intensity_g_per_kwh=self.cluster.carbon_intensity_g_per_kwh,
+                              device=self.device, max_steps=self.max_steps, first_step=self.step,
+                              energy_before_j=self.energy_before_j)
+        record: dict = {}
+        stopped = False
+        while self.step < self.max_steps and not stopped:
+            lr = lr_at(self.step, cfg.optim, self.max_steps)
+            for group in self.engine.optimizer.param_groups:
+                group["lr"] = lr
+            t0 = time.perf_counter()
+            loss, skipped, stopped = self.train_step()
+            self.step += 1
+            self.skipped += skipped
+            metrics.observe(loss, time.perf_counter() - t0)
+
+            verdict = self.guard.check(loss, skipped)
+            if verdict:
+                self.logger.event({"event": "skipped_step" if verdict == "nonfinite" else "loss_spike",
+                                   "step": self.step, "loss": loss, "bad_streak": self.guard.bad_streak})
+            if self.guard.should_roll_back and self.roll_back():
+                self.guard.rolled_back()
+                continue
+
+            last = self.step == self.max_steps
+            if self.step % cfg.run.log_every == 0 or last:
+                record = metrics.collect(self.step, tokens=self.consumed_now * layout.seq_len, lr=lr,
+                                         grad_norm=float(self.engine.get_global_grad_norm() or 0.0),
+                                         skipped_steps=self.skipped, rollbacks=self.guard.rollbacks)
+                if cfg.run.eval_every and self.step % cfg.run.eval_every == 0 or last:
+                    record["val_loss"] = self.evaluate()
+                    record["val_ppl"] = math.exp(min(record["val_loss"], 50))
+                self.logger.log(record)
+
+            stopped = stopped or self.step == cfg.run.stop_at_step
+            if last or stopped or (cfg.run.ckpt_every and self.step % cfg.run.ckpt_every == 0):
+                self.save(metrics)
+            if stopped:
+                self.logger.event({"event": "stopped", "reason": self.stop.signal or "run.stop_at_step",
+                                   "step": self.step})
+
+        self.loader.close()
+        self.logger.close()
+        return {"run_dir": str(self.run_dir), "steps": self.step, "interrupted": self.step < self.max_steps,
+                "stop_signal": self.stop.signal, **record}
 
 
 def train(cfg: Config) -> dict:
-    env = DistEnv.from_environ()
-    device = init_distributed(env)
-    rank, world = env.rank, env.world_size
-    tp = cfg.parallel.tensor
-    if world % tp:
-        raise ConfigError(f"'parallel.tensor' ({tp}) must divide the number of processes ({world})")
-    dp_size, dp_rank = world // tp, rank // tp
-    run_dir = cfg.run_dir
-    cluster = load_cluster(cfg.cluster)
-
-    sources = open_sources(cfg, rank)
-    manifest = sources[0].dataset.manifest
-    if cfg.model.vocab_size == 0:
-        m = cfg.model.vocab_multiple
-        cfg.model.vocab_size = m * math.ceil(manifest.vocab_size / m)
-    elif cfg.model.vocab_size < manifest.vocab_size:
-        raise ConfigError(f"'model.vocab_size' ({cfg.model.vocab_size}) is smaller than the tokenizer's "
-                          f"({manifest.vocab_size}); set it to 0 to take the dataset's")
-    layout = resolve_batch(cfg, dp_size)
-    max_steps = cfg.run.max_steps or math.ceil(cfg.run.max_tokens / layout.tokens_per_step)
-    flops_tok = flops_per_token(cfg.model, cfg.data.seq_len)
-    accel = hardware.detect_accelerator()
-    peak = (cluster.peak_tflops.get(cfg.precision, 0) * 1e12) or hardware.peak_flops(accel, cfg.precision)
-
-    torch.manual_seed(cfg.run.seed)
-    model = Transformer(cfg.model, cfg.data.seq_len)
-    engine = build_engine(model, cfg, layout, device)
-
-    logger = MetricsLogger(run_dir, enabled=rank == 0, wandb_args=dict(
-        name=cfg.run.name, mode=cfg.wandb.mode, project=cfg.wandb.project, entity=cfg.wandb.entity,
-        config={"config": asdict(cfg), "cluster": asdict(cluster)}))
-    if rank == 0:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(
-            {**asdict(cfg), "resolved": {"cluster_profile": asdict(cluster), "world_size": world, "dp_size": dp_size,
-                                         "batch": {**asdict(layout), "global_batch": layout.global_batch},
-                                         "max_steps": max_steps, **count_params(cfg.model, cfg.data.seq_len),
-                                         "flops_per_token": flops_tok, "versions": software_versions()}},
-            sort_keys=False))
-
-    step, consumed, energy_before_j = 0, 0, 0.0
-    ckpt_dir = run_dir / "checkpoints"
-    found = checkpoint.find_resumable(ckpt_dir, log=logger.event) if cfg.run.resume == "auto" else None
-    if found:
-        tag, meta = found
-        checkpoint.load(engine, ckpt_dir, tag)
-        step, consumed, energy_before_j = meta["step"], meta["consumed_samples"], meta.get("energy_j", 0.0)
-        logger.event({"event": "resumed", "tag": tag, "step": step, "consumed_samples": consumed})
-
-    loader = DataLoader(sources, [s.weight for s in cfg.data.sources], layout, dp_rank, consumed,
-                        cfg.data.prefetch, device.type)
-    val_batches = validation_batches(sources, [s.weight for s in cfg.data.sources],
-                                     cfg.run.eval_batches * layout.micro_batch * dp_size, layout.micro_batch,
-                                     dp_rank, dp_size)
-    meter = energy.make_meter(str(device), env.local_rank, cluster.device_power_w or accel.tdp_w or 0.0,
-                              fallback_source=f"cluster profile '{cluster.name}'" if cluster.device_power_w
-                              else f"{accel.name} board power")
-    if rank == 0:
-        n = count_params(cfg.model, cfg.data.seq_len)
-        print(f"megatrain: {n['params'] / 1e6:.2f}M parameters, {world} processes (dp {dp_size} x tp {tp}), "
-              f"ZeRO-{cfg.parallel.zero_stage}, {cfg.precision}, global batch {layout.global_batch} x "
-              f"{layout.seq_len} tokens, {max_steps} steps; {meter.reason}",
-              flush=True)
-
-    stop = StopRequest()
-    metrics = StepMetrics(tokens_per_step=layout.tokens_per_step, world_size=world, flops_per_token=flops_tok,
-                          peak_flops=peak, meter=meter, pue=cluster.pue,
-                          intensity_g_per_kwh=cluster.carbon_intensity_g_per_kwh, device=device,
-                          max_steps=max_steps, first_step=step, energy_before_j=energy_before_j)
-    record: dict = {}
-    while step < max_steps:
-        lr = lr_at(step, cfg.optim, max_steps)
-        for group in engine.optimizer.param_groups:
-            group["lr"] = lr
-        t0 = time.perf_counter()
-        batches = loader.next_step()
-        data_wait = time.perf_counter() - t0
-        loss_sum = 0.0
-        for b in batches:
-            loss = engine(b.inputs, b.targets)
-            engine.backward(loss)
-            engine.step()
-            loss_sum += loss.detach().float().item()
-        step += 1
-        metrics.observe(loss_sum / len(batches), data_wait)
-
-        last = step == max_steps
-        if step % cfg.run.log_every == 0 or last:
-            record = metrics.collect(step, tokens=loader.consumed_samples * layout.seq_len, lr=lr,
-                                     grad_norm=float(engine.get_global_grad_norm() or 0.0))
-            if cfg.run.eval_every and step % cfg.run.eval_every == 0 or last:
-                record["val_loss"] = evaluate(engine, val_batches, device)
-                record["val_ppl"] = math.exp(min(record["val_loss"], 50))
-            logger.log(record)
-
-        interrupted = stop.any_rank() or step == cfg.run.stop_at_step
-        if last or interrupted or (cfg.run.ckpt_every and step % cfg.run.ckpt_every == 0):
-            state = {"consumed_samples": loader.consumed_samples, "energy_j": metrics.energy_joules(),
-                     "config": asdict(cfg)}
-            folder = checkpoint.save(engine, ckpt_dir, step, state, keep=cfg.run.keep)
-            logger.event({"event": "checkpoint", "step": step, "path": str(folder)})
-        if interrupted:
-            logger.event({"event": "stopped", "reason": stop.signal or "run.stop_at_step", "step": step})
-            break
-
-    loader.close()
-    logger.close()
-    summary = {"run_dir": str(run_dir), "steps": step, "interrupted": step < max_steps, **record}
-    return summary
+    return Trainer(cfg).run()

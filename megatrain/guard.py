@@ -1,0 +1,57 @@
+"""Stability guard: what a long run does when a step goes wrong.
+
+- A non-finite loss or gradient norm: the update is skipped (DeepSpeed's ZeRO optimizers discard
+  a step whose gradient norm is not finite; the trainer does the same without ZeRO) and counted.
+- A loss spike: a loss more than `spike_zscore` standard deviations above the mean of the last
+  `spike_window` good steps is logged (the update is kept: most spikes recover by themselves).
+- `max_bad_steps` bad steps in a row: roll back to the last checkpoint and skip the data that
+  was read since (the usual culprit), as PaLM and OPT did by hand.
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+
+from megatrain.config import GuardConfig
+
+
+class TooManyRollbacks(RuntimeError):
+    """The run keeps diverging after rolling back; a human should look (LR, data, precision)."""
+
+
+class StabilityGuard:
+    MIN_HISTORY = 20  # steps of history before a z-score means anything
+
+    def __init__(self, cfg: GuardConfig):
+        self.cfg = cfg
+        self.history: deque[float] = deque(maxlen=max(cfg.spike_window, self.MIN_HISTORY))
+        self.bad_streak = 0
+        self.rollbacks = 0
+
+    def check(self, loss: float, update_skipped: bool) -> str | None:
+        """Classify a step: "nonfinite", "spike" or None (good)."""
+        verdict = None
+        if update_skipped or not math.isfinite(loss):
+            verdict = "nonfinite"
+        elif self.cfg.spike_zscore > 0 and len(self.history) >= self.MIN_HISTORY:
+            mean = sum(self.history) / len(self.history)
+            std = math.sqrt(sum((x - mean) ** 2 for x in self.history) / len(self.history))
+            if loss > mean + self.cfg.spike_zscore * max(std, 1e-3 * abs(mean)):
+                verdict = "spike"
+        if verdict is None:
+            self.history.append(loss)
+            self.bad_streak = 0
+        else:
+            self.bad_streak += 1
+        return verdict
+
+    @property
+    def should_roll_back(self) -> bool:
+        return 0 < self.cfg.max_bad_steps <= self.bad_streak
+
+    def rolled_back(self) -> None:
+        self.bad_streak = 0
+        self.rollbacks += 1
+        if self.rollbacks > self.cfg.max_rollbacks:
+            raise TooManyRollbacks(f"{self.rollbacks} rollbacks in this job (guard.max_rollbacks = "
+                                   f"{self.cfg.max_rollbacks}); lower the learning rate or inspect the data")
