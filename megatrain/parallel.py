@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from megatrain.config import BatchLayout, Config
-from megatrain.optim import build_optimizer
+from megatrain.optim import build_optimizer, param_groups
 
 
 @dataclass
@@ -120,7 +120,16 @@ def build_engine(model: torch.nn.Module, cfg: Config, layout: BatchLayout, devic
 
     if cfg.parallel.activation_checkpointing:
         apply_activation_checkpointing(model)
-    optimizer = build_optimizer(model, cfg.optim, device)
+    if cfg.parallel.offload_optimizer == "cpu":
+        # ZeRO-Offload steps the optimizer on the CPU with DeepSpeed's vectorized Adam (JIT-built once)
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        optimizer = DeepSpeedCPUAdam(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                     betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps, adamw_mode=True)
+    else:
+        optimizer = build_optimizer(model, cfg.optim, device)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
                                       config=deepspeed_config(cfg, layout, load_universal))
+    if cfg.run.compile:
+        engine.compile()  # torch.compile of the wrapped module, the DeepSpeed way
     return engine, optimizer

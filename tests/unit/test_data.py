@@ -86,3 +86,31 @@ def test_validation_batches_pad_so_every_rank_runs_the_same_number(dataset):
     assert [len(b) for b in per_rank] == [2, 2]
     real = sum(int((b.targets != IGNORE_INDEX).any(dim=1).sum()) for bs in per_rank for b in bs)
     assert real == 9
+
+
+def test_mixture_of_two_datasets_honours_weights_over_a_run(tmp_path):
+    """Dataset A has ids < 500, B ids >= 500: count where each sample of 200 steps came from."""
+    import numpy as np_
+
+    from megatrain.shards import Manifest, write_shard
+
+    sources = []
+    for name, low, high in [("a", 1, 500), ("b", 500, 1000)]:
+        d = tmp_path / name
+        d.mkdir()
+        rng = np_.random.default_rng(len(name))
+        docs = [np_.append(rng.integers(low, high, size=200), 0 if name == "a" else 999) for _ in range(50)]
+        info = write_shard(d / "shard-00000.arrow", docs, 1000)
+        Manifest(vocab_size=1000, eos_id=0, tokenizer_file="t", tokenizer_sha256="x", shards=[info]).write(d)
+        sources.append(PackedSamples(Dataset(d), 16, 0.0, seed=1))
+    layout = BatchLayout(micro_batch=8, grad_accum=1, dp_size=2, seq_len=16)
+    counts = np_.zeros(2)
+    loaders = [DataLoader(sources, [0.8, 0.2], layout, r) for r in range(2)]
+    for _ in range(200):
+        for ld in loaders:
+            rows = ld.next_step()[0].inputs
+            from_b = (rows >= 500).sum(dim=1) > 8
+            counts += [int((~from_b).sum()), int(from_b.sum())]
+    for ld in loaders:
+        ld.close()
+    assert abs(counts[0] / counts.sum() - 0.8) < 0.01
