@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatrain.parallel import all_gather
 from megatrain.shards import atomic_write_bytes, sha256_file
 
 MANIFEST = "megatrain-checkpoint.json"
@@ -50,14 +51,6 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _all_gather(obj) -> list:
-    if not dist.is_initialized():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -79,7 +72,7 @@ def _hash_files(folder: Path, names: list[str]) -> dict:
     mine = {n: {"sha256": sha256_file(folder / n), "bytes": (folder / n).stat().st_size}
             for n in names[rank::world]}
     table: dict = {}
-    for part in _all_gather(mine):
+    for part in all_gather(mine):
         table.update(part)
     return table
 
@@ -98,7 +91,7 @@ def save(engine, ckpt_dir: str | os.PathLike, step: int, client_state: dict, kee
     torch.save(rng_state(), folder / f".rng-rank{rank:05d}.pt.tmp")
     os.replace(folder / f".rng-rank{rank:05d}.pt.tmp", folder / f"rng-rank{rank:05d}.pt")
     _barrier()
-    names = _all_gather(sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    names = all_gather(sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
                         if rank == 0 else None)[0]
     files = _hash_files(folder, names)
     if rank == 0:
@@ -148,7 +141,7 @@ def verify(folder: Path) -> str | None:
             problems.append(f"{path} has {path.stat().st_size} bytes, expected {want['bytes']}")
         elif sha256_file(path) != want["sha256"]:
             problems.append(f"{path} is corrupt (sha256 differs from {MANIFEST})")
-    problems = sorted(p for part in _all_gather(problems) for p in part)
+    problems = sorted(p for part in all_gather(problems) for p in part)
     return "; ".join(problems) or None
 
 
@@ -208,6 +201,6 @@ def to_universal(ckpt_dir: str | os.PathLike, tag: str, log=print) -> str:
             (out / UNIVERSAL_DONE).write_text(tag)
     else:
         ok = True
-    if not all(_all_gather(ok)):
+    if not all(all_gather(ok)):
         raise CheckpointError(f"converting {ckpt_dir / tag} to a universal checkpoint failed; see {out}/convert.log")
     return out_tag

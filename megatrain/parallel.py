@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatrain.config import BatchLayout, Config
+from megatrain.config import BatchLayout, Config, ConfigError
 from megatrain.optim import build_optimizer, param_groups
 
 
@@ -75,7 +75,8 @@ def deepspeed_config(cfg: Config, layout: BatchLayout, load_universal: bool = Fa
     if p.offload_params != "none":
         zero["offload_param"] = {"device": p.offload_params, "pin_memory": True}
     ds = {
-        "train_batch_size": layout.global_batch,
+        # no train_batch_size: DeepSpeed would check it against its own idea of the world size,
+        # which counts tensor-parallel ranks as data-parallel; our layout is authoritative
         "train_micro_batch_size_per_gpu": layout.micro_batch,
         "gradient_accumulation_steps": layout.grad_accum,
         "gradient_clipping": cfg.optim.clip,
@@ -84,6 +85,8 @@ def deepspeed_config(cfg: Config, layout: BatchLayout, load_universal: bool = Fa
         "steps_per_print": 2**31 - 1,          # we log ourselves
         "wall_clock_breakdown": False,
     }
+    if p.tensor > 1:
+        ds["tensor_parallel"] = tensor_parallel_config(p.tensor)
     if load_universal:  # resuming a checkpoint saved with another parallel layout
         ds["checkpoint"] = {"load_universal": True}
     if cfg.precision == "bf16":
@@ -93,6 +96,57 @@ def deepspeed_config(cfg: Config, layout: BatchLayout, load_universal: bool = Fa
         ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
                       "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
     return ds
+
+
+# Tensor parallelism (Megatron's split, applied by DeepSpeed's training AutoTP): the projections
+# that fan out are split by output columns, the ones that fan back in by input rows, so each block
+# needs one all-reduce after attention and one after the MLP. Embeddings, norms and the output
+# head stay replicated.
+COLUMN_PARALLEL = r".*\.(q_proj|k_proj|v_proj|gate_proj|up_proj)\.weight$"
+ROW_PARALLEL = r".*\.(o_proj|down_proj)\.weight$"
+
+
+def tensor_parallel_config(size: int) -> dict:
+    return {"autotp_size": size, "partition_config": {"use_default_specs": False, "layer_specs": [
+        {"patterns": [COLUMN_PARALLEL], "partition_type": "column"},
+        {"patterns": [ROW_PARALLEL], "partition_type": "row"}]}}
+
+
+def validate_tensor_parallel(cfg: Config, world_size: int, local_world_size: int) -> None:
+    """Every split must be even, and a tensor-parallel group must not span nodes; errors name the key."""
+    from megatrain.model import mlp_hidden_size
+
+    tp, m = cfg.parallel.tensor, cfg.model
+    if world_size % tp:
+        raise ConfigError(f"'parallel.tensor' ({tp}) must divide the number of processes ({world_size})")
+    checks = [("model.n_head", m.n_head), ("model.n_kv_head", m.n_kv_head or m.n_head),
+              ("model.d_ff", mlp_hidden_size(m))]
+    for key, value in checks:
+        if value % tp:
+            raise ConfigError(f"'{key}' ({value}) is not divisible by 'parallel.tensor' ({tp}): each of the {tp} "
+                              f"ranks would get an uneven share; change one of them")
+    if tp > 1 and local_world_size % tp:
+        raise ConfigError(f"'parallel.tensor' ({tp}) does not divide the {local_world_size} processes per node: a "
+                          "tensor-parallel group would span nodes (all-reduces twice per layer over the network); "
+                          "use a tensor size that divides the GPUs per node")
+
+
+def parameter_bytes(module: torch.nn.Module) -> int:
+    """Bytes of parameters this rank holds: its tensor-parallel slices, or its ZeRO-3 partition."""
+    return sum((p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()) * p.element_size()
+               for p in module.parameters())
+
+
+def check_tensor_parallel_groups(size: int) -> None:
+    """Our data loader gives ranks r // size the same data: DeepSpeed's TP groups must be those blocks."""
+    import torch.distributed as dist
+    from deepspeed.utils import groups
+
+    ranks = dist.get_process_group_ranks(groups.get_tensor_model_parallel_group())
+    rank = dist.get_rank()
+    expected = list(range(rank - rank % size, rank - rank % size + size))
+    if sorted(ranks) != expected:
+        raise RuntimeError(f"DeepSpeed put rank {rank} in tensor-parallel group {ranks}, expected {expected}")
 
 
 def apply_activation_checkpointing(model: torch.nn.Module) -> None:
@@ -113,6 +167,17 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def all_gather(value) -> list:
+    """One picklable value from every rank, in rank order."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return [value]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
 def build_engine(model: torch.nn.Module, cfg: Config, layout: BatchLayout, device: torch.device,
                  load_universal: bool = False):
     """Wrap the model in a DeepSpeed engine with our AdamW; returns (engine, the AdamW it wraps)."""
@@ -130,6 +195,8 @@ def build_engine(model: torch.nn.Module, cfg: Config, layout: BatchLayout, devic
         optimizer = build_optimizer(model, cfg.optim, device)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
                                       config=deepspeed_config(cfg, layout, load_universal))
+    if cfg.parallel.tensor > 1:
+        check_tensor_parallel_groups(cfg.parallel.tensor)
     if cfg.run.compile:
         engine.compile()  # torch.compile of the wrapped module, the DeepSpeed way
     return engine, optimizer

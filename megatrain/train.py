@@ -28,7 +28,15 @@ from megatrain.launch import StopRequest
 from megatrain.metrics import MetricsLogger, StepMetrics
 from megatrain.model import Transformer, count_params, flops_per_token
 from megatrain.optim import lr_at
-from megatrain.parallel import DistEnv, all_reduce_sum, build_engine, init_distributed
+from megatrain.parallel import (
+    DistEnv,
+    all_gather,
+    all_reduce_sum,
+    build_engine,
+    init_distributed,
+    parameter_bytes,
+    validate_tensor_parallel,
+)
 from megatrain.shards import Dataset
 
 # Test hook: optimizer steps whose loss becomes NaN on rank 0, once each (as bad data would, until skipped).
@@ -66,8 +74,8 @@ class Trainer:
         self.device = init_distributed(env)
         self.rank, self.world = env.rank, env.world_size
         tp = cfg.parallel.tensor
-        if self.world % tp:
-            raise ConfigError(f"'parallel.tensor' ({tp}) must divide the number of processes ({self.world})")
+        validate_tensor_parallel(cfg, self.world, env.local_world_size)
+        # ranks r // tp share a tensor-parallel group and read the same data
         self.dp_size, self.dp_rank = self.world // tp, self.rank // tp
         self.run_dir, self.ckpt_dir = cfg.run_dir, cfg.run_dir / "checkpoints"
         self.cluster = load_cluster(cfg.cluster)
@@ -113,6 +121,7 @@ class Trainer:
             self.logger.event({"event": "resumed", "tag": load_tag, "step": self.step,
                                "consumed_samples": self.consumed, "universal": universal})
 
+        self.param_gb_per_rank = [b / 2**30 for b in all_gather(parameter_bytes(self.engine.module))]
         self.weights = [s.weight for s in cfg.data.sources]
         self.loader = self._loader(self.consumed)
         self.val_batches = validation_batches(self.sources, self.weights,
@@ -221,6 +230,9 @@ class Trainer:
                   f"tp {cfg.parallel.tensor}), ZeRO-{cfg.parallel.zero_stage}, {cfg.precision}, global batch "
                   f"{layout.global_batch} x {layout.seq_len} tokens, {self.max_steps} steps; {self.meter.reason}",
                   flush=True)
+            print("megatrain: parameter memory per rank (GB): "
+                  + " ".join(f"{gb:.3f}" for gb in self.param_gb_per_rank), flush=True)
+        self.logger.event({"event": "parameter_memory", "gb_per_rank": self.param_gb_per_rank})
         metrics = StepMetrics(tokens_per_step=layout.tokens_per_step, world_size=self.world,
                               flops_per_token=self.flops_per_token, peak_flops=self.peak_flops, meter=self.meter,
                               pue=self.cluster.pue, intensity_g_per_kwh=self.cluster.carbon_intensity_g_per_kwh,
@@ -250,7 +262,8 @@ class Trainer:
             if self.step % cfg.run.log_every == 0 or last:
                 record = metrics.collect(self.step, tokens=self.consumed_now * layout.seq_len, lr=lr,
                                          grad_norm=float(self.engine.get_global_grad_norm() or 0.0),
-                                         skipped_steps=self.skipped, rollbacks=self.guard.rollbacks)
+                                         skipped_steps=self.skipped, rollbacks=self.guard.rollbacks,
+                                         param_mem_gb=max(self.param_gb_per_rank))
                 if cfg.run.eval_every and self.step % cfg.run.eval_every == 0 or last:
                     record["val_loss"] = self.evaluate()
                     record["val_ppl"] = math.exp(min(record["val_loss"], 50))
