@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -251,10 +252,12 @@ class TokenStream:
 class Dataset:
     """A dataset directory opened for reading: manifest checked, shards memory-mapped."""
 
-    def __init__(self, directory: str | os.PathLike, verify: bool = True):
+    def __init__(self, directory: str | os.PathLike, verify: bool | Callable[[int], bool] = True):
+        """`verify` may pick shards by index, so that ranks can share the hashing of a large dataset."""
         self.directory = Path(directory)
         self.manifest = Manifest.read(self.directory)
-        self.shards = [Shard(self.directory / info.file, info, verify=verify) for info in self.manifest.shards]
+        self.shards = [Shard(self.directory / info.file, info, verify=verify(i) if callable(verify) else verify)
+                       for i, info in enumerate(self.manifest.shards)]
         self.stream = TokenStream(self.shards)
         if len(self.stream) != self.manifest.num_tokens:
             raise ManifestError(f"{self.directory}: shards hold {len(self.stream)} tokens, manifest says "

@@ -37,7 +37,7 @@ from megatrain.parallel import (
     parameter_bytes,
     validate_tensor_parallel,
 )
-from megatrain.shards import Dataset
+from megatrain.shards import Dataset, ShardError
 
 # Test hook: optimizer steps whose loss becomes NaN on rank 0, once each (as bad data would, until skipped).
 INJECT_NAN_ENV = "MEGATRAIN_INJECT_NAN_AT_STEPS"
@@ -57,8 +57,18 @@ def software_versions() -> dict:
     return versions
 
 
-def open_sources(cfg: Config) -> list[PackedSamples]:
-    datasets = [Dataset(src.path, verify=cfg.data.verify_checksums) for src in cfg.data.sources]
+def open_sources(cfg: Config, rank: int, world: int) -> list[PackedSamples]:
+    """Open every dataset on every rank; each rank hashes only its share of the shards (collective)."""
+    def mine(shard_index: int) -> bool:
+        return cfg.data.verify_checksums and shard_index % world == rank
+
+    try:
+        datasets, problem = [Dataset(src.path, verify=mine) for src in cfg.data.sources], None
+    except ShardError as e:
+        datasets, problem = [], e
+    problems = [p for p in all_gather(str(problem) if problem else None) if p]
+    if problems:  # raise on every rank, so that none waits forever for the others
+        raise problem if problem else ShardError(problems[0])
     tokenizers = {d.manifest.tokenizer_sha256 for d in datasets}
     if len(tokenizers) > 1:
         raise ConfigError("the datasets in 'data.sources' were tokenized with different tokenizers: "
@@ -80,7 +90,7 @@ class Trainer:
         self.run_dir, self.ckpt_dir = cfg.run_dir, cfg.run_dir / "checkpoints"
         self.cluster = load_cluster(cfg.cluster)
 
-        self.sources = open_sources(cfg)
+        self.sources = open_sources(cfg, self.rank, self.world)
         vocab = self.sources[0].dataset.manifest.vocab_size
         if cfg.model.vocab_size == 0:
             cfg.model.vocab_size = cfg.model.vocab_multiple * math.ceil(vocab / cfg.model.vocab_multiple)
