@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -22,11 +21,12 @@ from megatrain import checkpoint, energy, hardware
 from megatrain.config import Config, ConfigError, load_cluster, resolve_batch
 from megatrain.data import IGNORE_INDEX, DataLoader, PackedSamples, validation_batches
 from megatrain.launch import StopRequest
-from megatrain.metrics import MetricsLogger, StepMetrics
+from megatrain.metrics import StepMetrics, resolve_peak
 from megatrain.model import Transformer, count_params, flops_per_token
 from megatrain.optim import lr_at
 from megatrain.parallel import DistEnv, all_reduce_sum, build_engine, init_distributed
 from megatrain.shards import Dataset
+from megatrain.sinks import MetricsLogger
 
 
 def software_versions() -> dict:
@@ -90,7 +90,7 @@ def train(cfg: Config) -> dict:
     max_steps = cfg.run.max_steps or math.ceil(cfg.run.max_tokens / layout.tokens_per_step)
     flops_tok = flops_per_token(cfg.model, cfg.data.seq_len)
     accel = hardware.detect_accelerator()
-    peak = (cluster.peak_tflops.get(cfg.precision, 0) * 1e12) or hardware.peak_flops(accel, cfg.precision)
+    peak, peak_source = resolve_peak(cfg.precision, accel, cluster.peak_tflops, cluster.accelerator)
 
     torch.manual_seed(cfg.run.seed)
     model = Transformer(cfg.model, cfg.data.seq_len)
@@ -98,22 +98,22 @@ def train(cfg: Config) -> dict:
 
     logger = MetricsLogger(run_dir, enabled=rank == 0, wandb_args=dict(
         name=cfg.run.name, mode=cfg.wandb.mode, project=cfg.wandb.project, entity=cfg.wandb.entity,
-        config={"config": asdict(cfg), "cluster": asdict(cluster)}))
+        config={"config": asdict(cfg)}))  # the rest comes with run_start, below
+    resolved = {}
     if rank == 0:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(
-            {**asdict(cfg), "resolved": {"cluster_profile": asdict(cluster), "world_size": world, "dp_size": dp_size,
-                                         "batch": {**asdict(layout), "global_batch": layout.global_batch},
-                                         "max_steps": max_steps, **count_params(cfg.model, cfg.data.seq_len),
-                                         "flops_per_token": flops_tok, "versions": software_versions()}},
-            sort_keys=False))
+        resolved = {"cluster_profile": asdict(cluster), "world_size": world, "dp_size": dp_size,
+                    "batch": {**asdict(layout), "global_batch": layout.global_batch},
+                    "max_steps": max_steps, **count_params(cfg.model, cfg.data.seq_len),
+                    "flops_per_token": flops_tok, "versions": software_versions()}
+        (run_dir / "config.yaml").write_text(yaml.safe_dump({**asdict(cfg), "resolved": resolved}, sort_keys=False))
 
-    step, consumed, energy_before_j = 0, 0, 0.0
+    step, consumed, meta = 0, 0, {}
     ckpt_dir = run_dir / "checkpoints"
     found = checkpoint.find_resumable(ckpt_dir, log=logger.event) if cfg.run.resume == "auto" else None
     if found:
         tag, meta = found
         checkpoint.load(engine, ckpt_dir, tag)
-        step, consumed, energy_before_j = meta["step"], meta["consumed_samples"], meta.get("energy_j", 0.0)
+        step, consumed = meta["step"], meta["consumed_samples"]
         logger.event({"event": "resumed", "tag": tag, "step": step, "consumed_samples": consumed})
 
     loader = DataLoader(sources, [s.weight for s in cfg.data.sources], layout, dp_rank, consumed,
@@ -130,28 +130,34 @@ def train(cfg: Config) -> dict:
               f"ZeRO-{cfg.parallel.zero_stage}, {cfg.precision}, global batch {layout.global_batch} x "
               f"{layout.seq_len} tokens, {max_steps} steps; {meter.reason}",
               flush=True)
+    logger.run_start({"config": asdict(cfg), **resolved, "start_step": step, "tokens_per_step": layout.tokens_per_step,
+                      "accelerator": accel.name, "peak_flops": peak, "peak_source": peak_source,
+                      "energy_method": meter.method, "energy_reason": meter.reason,
+                      "skipped_steps": engine.skipped_steps})
 
     stop = StopRequest()
     metrics = StepMetrics(tokens_per_step=layout.tokens_per_step, world_size=world, flops_per_token=flops_tok,
                           peak_flops=peak, meter=meter, pue=cluster.pue,
                           intensity_g_per_kwh=cluster.carbon_intensity_g_per_kwh, device=device,
-                          max_steps=max_steps, first_step=step, energy_before_j=energy_before_j)
+                          max_steps=max_steps, first_step=step, resumed=meta)
     record: dict = {}
     while step < max_steps:
         lr = lr_at(step, cfg.optim, max_steps)
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
-        t0 = time.perf_counter()
+        metrics.begin_step()
         batches = loader.next_step()
-        data_wait = time.perf_counter() - t0
-        loss_sum = 0.0
-        for b in batches:
+        metrics.begin_compute()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # stays on the device: no sync per step
+        for i, b in enumerate(batches):
             loss = engine(b.inputs, b.targets)
             engine.backward(loss)
+            if i == len(batches) - 1:
+                metrics.begin_optimizer()  # DeepSpeed updates the weights in step() at the accumulation boundary
             engine.step()
-            loss_sum += loss.detach().float().item()
+            loss_sum += loss.detach()
         step += 1
-        metrics.observe(loss_sum / len(batches), data_wait)
+        metrics.end_step(loss_sum / len(batches), skipped_steps=engine.skipped_steps)
 
         last = step == max_steps
         if step % cfg.run.log_every == 0 or last:
@@ -164,8 +170,7 @@ def train(cfg: Config) -> dict:
 
         interrupted = stop.any_rank() or step == cfg.run.stop_at_step
         if last or interrupted or (cfg.run.ckpt_every and step % cfg.run.ckpt_every == 0):
-            state = {"consumed_samples": loader.consumed_samples, "energy_j": metrics.energy_joules(),
-                     "config": asdict(cfg)}
+            state = {"consumed_samples": loader.consumed_samples, **metrics.state(), "config": asdict(cfg)}
             folder = checkpoint.save(engine, ckpt_dir, step, state, keep=cfg.run.keep)
             logger.event({"event": "checkpoint", "step": step, "path": str(folder)})
         if interrupted:
