@@ -82,7 +82,8 @@ class WandbSink:
                 self.run = wandb.init(mode="online", settings=wandb.Settings(init_timeout=30, **settings), **args)
                 return
             except Exception as e:  # noqa: BLE001 -- no API key, refused login, timeout: keep training, offline
-                self.fallback, self.mode = f"online init failed: {str(e).splitlines()[0] if str(e) else repr(e)}", "offline"
+                detail = " ".join(str(e).split())[:200]
+                self.fallback, self.mode = f"online init failed: {type(e).__name__}: {detail}", "offline"
         self.run = wandb.init(mode=self.mode, settings=wandb.Settings(**settings), **args)
 
     def write(self, record: dict) -> None:
@@ -118,6 +119,14 @@ def human_mass(kg: float) -> str:
     return f"{_sig(kg)} kg" if kg >= 1 else f"{_sig(kg * 1000)} g"
 
 
+def human_count(n: float) -> str:
+    """12.3k, 4.1M, 1.2B, 15T: token counts at a glance."""
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return f"{n:.0f}"
+
+
 def duration(seconds: float) -> str:
     seconds = int(seconds)
     if seconds >= 86400:
@@ -147,14 +156,14 @@ def format_line(r: dict, max_steps: int = 0) -> str:
     return " | ".join(parts)
 
 
-def format_bar(r: dict, max_steps: int, width: int = 30) -> str:
+def format_bar(r: dict, max_steps: int, total_tokens: float = 0, width: int = 30) -> str:
     """A progress bar to the step (token) budget with the ETA and the projected final energy and CO2."""
     frac = min(r["step"] / max_steps, 1.0) if max_steps else 0.0
     filled = int(frac * width)
     est = " (est.)" if r.get("energy_method") == "estimate" else ""
     text = f"[{'#' * filled}{'.' * (width - filled)}] {100 * frac:3.0f}% {r['step']}/{max_steps} steps"
     if "tokens" in r:
-        text += f", {r['tokens'] / 1e6:,.1f}M tokens"
+        text += f", {human_count(r['tokens'])}" + (f"/{human_count(total_tokens)}" if total_tokens else "") + " tokens"
     if "eta_s" in r:
         text += f" | eta {duration(r['eta_s'])}"
     if "projected_kwh_facility" in r:
@@ -169,7 +178,7 @@ class ConsoleSink:
     def __init__(self, stream=sys.stdout, tty: bool | None = None):
         self.stream = stream
         self.tty = stream.isatty() if tty is None else tty
-        self.max_steps = 0
+        self.max_steps, self.total_tokens = 0, 0
         self.bar, self.drawn = "", False
 
     def print(self, text: str, bar: str | None = None) -> None:
@@ -183,7 +192,7 @@ class ConsoleSink:
         self.stream.flush()
 
     def write(self, record: dict) -> None:
-        bar = format_bar(record, self.max_steps) if self.tty and self.max_steps else None
+        bar = format_bar(record, self.max_steps, self.total_tokens) if self.tty and self.max_steps else None
         self.print(format_line(record, self.max_steps), bar)
 
     def close(self) -> None:
@@ -227,6 +236,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         self.console.max_steps = int(info.get("max_steps") or 0)
+        self.console.total_tokens = self.console.max_steps * int(info.get("tokens_per_step") or 0)
         self.last_skipped = int(info.get("skipped_steps") or 0)  # a resumed engine keeps its count
         self.events.write({"time": time.time(), "event": "run_start", **info})
         if self.wandb:

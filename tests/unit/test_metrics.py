@@ -115,3 +115,22 @@ def test_resolve_peak_order():
     assert flops == 0.0 and "MFU not reported" in source
     v100 = hardware.ACCELERATORS["V100-SXM2-32GB"]
     assert resolve_peak("bf16", v100, {})[0] == 0.0  # no bf16 units on Volta: no MFU rather than a wrong one
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_phases_are_event_times_read_once_per_interval():
+    device = torch.device("cuda", torch.cuda.current_device())
+    m = StepMetrics(tokens_per_step=1024, world_size=1, flops_per_token=1e6, peak_flops=1e15, pue=1.0,
+                    intensity_g_per_kwh=50.0, device=device, max_steps=10, first_step=0, meter=EstimateMeter(1.0))
+    a = torch.randn(4096, 4096, device=device)
+    for _ in range(3):
+        m.begin_step()
+        m.begin_compute()
+        loss = (a @ a).mean()        # queued, not waited for
+        m.begin_optimizer()
+        a = a * 0.5
+        m.end_step(loss)
+    r = m.collect(3)
+    assert r["fwd_bwd_s"] > 0 and r["optimizer_s"] > 0
+    assert r["fwd_bwd_s"] + r["optimizer_s"] <= r["step_s"] * 1.01  # the tail of queued work is in step_s
+    assert r["mem_gb"] > 0.05

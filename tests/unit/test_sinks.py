@@ -27,13 +27,13 @@ def test_console_is_plain_when_not_a_tty_and_draws_a_bar_on_a_tty():
     plain, tty = io.StringIO(), io.StringIO()
     for out, is_tty in ((plain, False), (tty, True)):
         sink = ConsoleSink(out, tty=is_tty)
-        sink.max_steps = 100
+        sink.max_steps, sink.total_tokens = 100, 10_000_000
         sink.write(RECORD)
         sink.print("[event] checkpoint")
         sink.close()
     assert "\x1b" not in plain.getvalue() and "\r" not in plain.getvalue()
     assert plain.getvalue().splitlines()[1] == "[event] checkpoint"
-    bar = "[############..................]  40% 40/100 steps, 4.0M tokens | eta 1h02m | final ~3.75 kWh, 210 g CO2e (est.)"
+    bar = "[############..................]  40% 40/100 steps, 4M/10M tokens | eta 1h02m | final ~3.75 kWh, 210 g CO2e (est.)"
     # the line, then the bar; the next print clears the bar, prints, and redraws it
     assert tty.getvalue() == (format_line(RECORD, 100) + "\n" + bar + "\r\x1b[K[event] checkpoint\n" + bar + "\n")
 
