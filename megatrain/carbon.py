@@ -8,6 +8,8 @@ Inside:
   PUBLISHED_CASES          numbers the lectures quote (BLOOM, Gopher, GPT-3, Llama 3.1 8B),
                            each with its inputs, the published outputs, and notes on discrepancies
   reproduce(case)          run a case: our numbers next to the published ones
+  render_published, published_dicts   all cases as `megatrain carbon --published` prints them
+  resolve_inputs(...)      flags + an optional cluster profile -> estimate() kwargs, with where each came from
 
 Grid intensity is an input, not a constant: it depends on the country, the year and the
 method (annual average, location- vs market-based). The default is France's, as the BLOOM
@@ -28,6 +30,10 @@ FRANCE_INTENSITY_G_PER_KWH = {
 }
 DEFAULT_INTENSITY_G_PER_KWH = FRANCE_INTENSITY_G_PER_KWH["luccioni2022_bloom"]
 JEAN_ZAY_PUE = 1.2  # the PUE Luccioni et al. 2022 use for Jean Zay (IDRIS)
+
+
+class CarbonInputError(ValueError):
+    """Inputs of the calculator are missing or out of range; the message says which."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,9 @@ def estimate(gpu_hours: float | None = None, gpu_power_w: float | None = None,
         raise ValueError("gpu_hours needs gpu_power_w (W per GPU: measured mean, or TDP)")
     if intensity_g_per_kwh < 0:
         raise ValueError(f"intensity must be >= 0 gCO2e/kWh, got {intensity_g_per_kwh}")
+    for name, value in (("gpu_hours", gpu_hours), ("gpu_power_w", gpu_power_w), ("energy_kwh", energy_kwh)):
+        if value is not None and value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
     if gpu_hours is not None:
         energy_kwh = gpu_hours * gpu_power_w / 1000.0
         line_it = f"IT energy       = {_n(gpu_hours)} GPU-h x {_n(gpu_power_w)} W / 1000 = {_n(energy_kwh)} kWh"
@@ -178,3 +187,98 @@ def reproduce(case: PublishedCase) -> tuple[CarbonResult, dict[str, tuple[float,
         ours = getattr(r, name)
         rows[name] = (value, ours, (ours - value) / value)
     return r, rows
+
+
+# ----------------------------------------------------------------------------- CLI support
+
+
+def resolve_inputs(*, gpu_hours: float | None = None, gpu_power_w: float | None = None,
+                   energy_kwh: float | None = None, pue: float | None = None, intensity: float | None = None,
+                   cluster=None) -> tuple[dict, dict[str, str]]:
+    """estimate() kwargs from command-line values and an optional cluster profile, and the source of each.
+
+    Explicit values win; then the profile (`pue`, `carbon_intensity_g_per_kwh`, and for the power
+    `device_power_w` or its accelerator's board power); then PUE 1 and the BLOOM paper's France
+    intensity. `cluster` is a megatrain.config.ClusterProfile (or anything with those fields).
+    """
+    from megatrain.hardware import ACCELERATORS
+
+    where = f"cluster profile '{cluster.name}'" if cluster is not None else ""
+    sources: dict[str, str] = {}
+
+    def pick(name, given, from_cluster, default, default_source):
+        if given is not None:
+            sources[name] = "given"
+            return given
+        if from_cluster is not None:
+            sources[name] = where
+            return from_cluster
+        if default is not None:
+            sources[name] = default_source
+        return default
+
+    kwargs: dict = {
+        "pue": pick("pue", pue, cluster.pue if cluster is not None else None, 1.0, "default (no PUE)"),
+        "intensity_g_per_kwh": pick("intensity_g_per_kwh", intensity,
+                                    cluster.carbon_intensity_g_per_kwh if cluster is not None else None,
+                                    DEFAULT_INTENSITY_G_PER_KWH, "default: France, Luccioni et al. 2022"),
+    }
+    if energy_kwh is not None:
+        kwargs["energy_kwh"] = pick("energy_kwh", energy_kwh, None, None, "")
+    if gpu_hours is not None:
+        kwargs["gpu_hours"] = pick("gpu_hours", gpu_hours, None, None, "")
+    if gpu_hours is not None or gpu_power_w is not None:
+        board = None
+        if cluster is not None:
+            accel = ACCELERATORS.get(cluster.accelerator)
+            board = cluster.device_power_w or (accel.tdp_w if accel else None)
+        kwargs["gpu_power_w"] = pick("gpu_power_w", gpu_power_w, board, None, "")
+    return kwargs, sources
+
+
+def render_with_sources(r: CarbonResult, sources: dict[str, str]) -> str:
+    notes = [f"  {k:<20} {sources[k]}" for k in ("gpu_power_w", "pue", "intensity_g_per_kwh") if
+             sources.get(k) not in (None, "given")]
+    return render_text(r) + ("\n\ninputs not given on the command line:\n" + "\n".join(notes) if notes else "")
+
+
+_SHORT = {"energy_kwh_it": "IT energy", "energy_kwh_facility": "facility energy", "co2_kg": "CO2e (facility)",
+          "co2_kg_it": "CO2e (IT only)"}
+
+
+def _amount(field_name: str, value: float) -> str:
+    return f"{_n(value / 1000)} MWh" if field_name.startswith("energy") else f"{_n(value / 1000)} t"
+
+
+def render_published() -> str:
+    """The published cases recomputed: our numbers, each published figure next to ours, the formulas, notes."""
+    head = (f"{'case':<13}{'IT energy':>11}{'PUE':>6}{'facility':>11}{'gCO2e/kWh':>11}"
+            f"{'CO2e IT':>10}{'CO2e facility':>15}")
+    check = f"{'case':<13}{'published figure':<18}{'published':>11}{'ours':>11}{'diff':>8}"
+    lines = ["Published training emissions, recomputed: CO2e = IT energy x PUE x grid intensity", "",
+             head, "-" * len(head)]
+    checks = ["", "Each published figure against ours:", "", check, "-" * len(check)]
+    details = []
+    for case in PUBLISHED_CASES.values():
+        r, rows = reproduce(case)
+        lines.append(f"{case.key:<13}{_amount('energy', r.energy_kwh_it):>11}{_n(r.pue):>6}"
+                     f"{_amount('energy', r.energy_kwh_facility):>11}{_n(r.intensity_g_per_kwh):>11}"
+                     f"{_amount('co2', r.co2_kg_it):>10}{_amount('co2', r.co2_kg):>15}")
+        for i, (k, (pub, ours, err)) in enumerate(rows.items()):
+            checks.append(f"{case.key if i == 0 else '':<13}{_SHORT[k]:<18}{_amount(k, pub):>11}"
+                          f"{_amount(k, ours):>11}{100 * err:>+7.2f}%")
+        details += ["", f"{case.key}: {case.title}", f"  source: {case.source}",
+                    *("  " + line for line in r.formula.splitlines()), *(f"  - {note}" for note in case.notes)]
+    return "\n".join(lines + checks + details)
+
+
+def published_dicts() -> list[dict]:
+    """The published cases recomputed, as JSON-ready dicts."""
+    out = []
+    for case in PUBLISHED_CASES.values():
+        r, rows = reproduce(case)
+        out.append({"key": case.key, "title": case.title, "source": case.source, "inputs": case.inputs,
+                    "result": to_dict(r), "notes": list(case.notes),
+                    "published": {k: {"published": pub, "ours": ours, "relative_error": err}
+                                  for k, (pub, ours, err) in rows.items()}})
+    return out

@@ -13,6 +13,7 @@ EXAMPLES = """examples:
   megatrain prep corpus/ --out data/demo --vocab-size 4096
   megatrain train configs/tiny.yaml --nproc 2 data.sources.0.path=data/demo
   megatrain report runs/tiny-demo
+  megatrain carbon --gpu-hours 1082990 --gpu-power-w 400 --pue 1.2 --intensity 57
 """
 
 
@@ -20,12 +21,14 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from data_prep.pipeline import PrepError
     from data_prep.readers import InputError
     from data_prep.tokenizer import TokenizerError
+    from megatrain.carbon import CarbonInputError
     from megatrain.checkpoint import CheckpointError
     from megatrain.config import ConfigError
+    from megatrain.report import ReportError
     from megatrain.shards import ShardError
 
-    return (ConfigError, ShardError, CheckpointError, PrepError, InputError, TokenizerError,
-            FileNotFoundError)
+    return (ConfigError, ShardError, CheckpointError, PrepError, InputError, TokenizerError, ReportError,
+            CarbonInputError, FileNotFoundError)
 
 
 # ----------------------------------------------------------------------------- prep
@@ -119,6 +122,34 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_carbon(args) -> int:
+    from megatrain import carbon
+    from megatrain.config import load_cluster
+
+    if args.published:
+        print(json.dumps(carbon.published_dicts(), indent=2) if args.json else carbon.render_published())
+        return 0
+    if args.energy_kwh is None and args.gpu_hours is None:
+        raise carbon.CarbonInputError("give --gpu-hours (with --gpu-power-w or --cluster) or --energy-kwh; "
+                                      "--published shows the published cases")
+    cluster = load_cluster(args.cluster) if args.cluster else None
+    kwargs, sources = carbon.resolve_inputs(gpu_hours=args.gpu_hours, gpu_power_w=args.gpu_power_w,
+                                            energy_kwh=args.energy_kwh, pue=args.pue, intensity=args.intensity,
+                                            cluster=cluster)
+    if "gpu_hours" in kwargs and kwargs.get("gpu_power_w") is None:
+        raise carbon.CarbonInputError("--gpu-hours needs --gpu-power-w (W per GPU: measured mean, or the TDP "
+                                      "as an upper bound), or --cluster NAME to take the profile's power")
+    try:
+        result = carbon.estimate(**kwargs)
+    except ValueError as e:
+        raise carbon.CarbonInputError(str(e)) from None
+    if args.json:
+        print(json.dumps({**carbon.to_dict(result), "sources": sources}, indent=2))
+    else:
+        print(carbon.render_with_sources(result, sources))
+    return 0
+
+
 def cmd_config_doc(args) -> int:
     from megatrain.config import config_reference
 
@@ -179,6 +210,32 @@ def add_report(sub) -> None:
     p.set_defaults(func=cmd_report)
 
 
+def add_carbon(sub) -> None:
+    p = sub.add_parser("carbon", help="energy and CO2e of a training run, with the arithmetic shown",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="IT energy (GPU-hours x power per GPU, or measured kWh) x PUE = facility energy; "
+                                   "x grid intensity = CO2e. Prints both the facility and the IT-only CO2e, since "
+                                   "published tables mix them. --cluster takes PUE, intensity and power from "
+                                   "configs/clusters/NAME.yaml; explicit flags win.",
+                       epilog="examples:\n"
+                              "  megatrain carbon --gpu-hours 1082990 --gpu-power-w 400 --pue 1.2 --intensity 57   # BLOOM\n"
+                              "  megatrain carbon --energy-kwh 1066000 --pue 1.08 --intensity 330 --json          # Gopher\n"
+                              "  megatrain carbon --gpu-hours 5000 --cluster local\n"
+                              "  megatrain carbon --published     # BLOOM, Gopher, GPT-3, Llama 3.1 8B recomputed")
+    p.add_argument("--gpu-hours", type=float, help="GPU-hours (or device-hours) of the run")
+    p.add_argument("--gpu-power-w", type=float, help="mean power per GPU in W (measured, or the TDP as an upper bound)")
+    p.add_argument("--energy-kwh", type=float, help="IT energy in kWh (before PUE), instead of hours x power")
+    p.add_argument("--pue", type=float, help="power usage effectiveness (default 1, or the cluster profile's)")
+    p.add_argument("--intensity", type=float, metavar="G",
+                   help="grid intensity in gCO2e/kWh (default 57, France per the BLOOM paper, or the cluster profile's)")
+    p.add_argument("--cluster", metavar="NAME", help="cluster profile: configs/clusters/NAME.yaml or a YAML path")
+    p.add_argument("--json", action="store_true", help="print JSON (energy_kwh_it, energy_kwh_facility, co2_kg, "
+                                                       "co2_kg_it, formula, inputs, sources)")
+    p.add_argument("--published", action="store_true",
+                   help="recompute the published rows (BLOOM, Gopher, GPT-3, Llama 3.1 8B) with notes")
+    p.set_defaults(func=cmd_carbon)
+
+
 def add_config_doc(sub) -> None:
     p = sub.add_parser("config-doc", help="print the configuration reference (Markdown)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -189,7 +246,7 @@ def add_config_doc(sub) -> None:
     p.set_defaults(func=cmd_config_doc)
 
 
-SUBCOMMANDS = [add_prep, add_train, add_report, add_config_doc]
+SUBCOMMANDS = [add_prep, add_train, add_report, add_carbon, add_config_doc]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,28 +1,25 @@
-"""What a run records about itself, and where.
+"""What a run measures about itself: one record per log interval, the same on every rank.
 
-Metric names are fixed (see docs/architecture.md) so dashboards line up across runs:
-step, tokens, loss, val_loss, lr, grad_norm, tokens_per_s, tokens_per_s_per_gpu,
-tflops_per_gpu, mfu, step_s, data_wait_s, mem_gb, power_w, energy_kwh_it,
-energy_kwh_facility, co2_kg, energy_method.
+Metric names are fixed (see docs/architecture.md) so dashboards line up across runs. The
+sinks that write the records (metrics.jsonl, W&B, console) are in megatrain/sinks.py.
 
-Sinks, all written by rank 0:
-- RUN_DIR/metrics.jsonl: one JSON object per log interval; always on, the source of truth.
-- RUN_DIR/events.jsonl: checkpoints, resumes, skipped steps, signals.
-- Weights & Biases: offline by default (RUN_DIR/wandb/, `wandb sync` later), never blocks a run.
-- the console: one line per interval.
+Inside:
+  mfu(...)                model FLOPs utilization from FLOPs/token, tokens/s and the peak
+  resolve_peak(...)       the peak MFU is computed against, and where it comes from
+  StepMetrics             per-step marks (cheap, local) -> collect(): one record (collective)
+
+Timing a step without slowing it: the loop marks four points per step (begin_step, begin_compute,
+begin_optimizer, end_step). On CPU these are perf_counter readings. On GPU the work is queued
+asynchronously, so forward/backward and optimizer times are CUDA events recorded on the stream
+(no synchronization) and read once per log interval, after a single torch.cuda.synchronize().
 """
 from __future__ import annotations
 
-import json
-import os
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-from megatrain import energy
-from megatrain.parallel import all_reduce_sum
+from megatrain import energy, hardware
 
 
 def mfu(flops_per_token: float, tokens_per_s_per_device: float, peak_flops: float) -> float:
@@ -30,58 +27,44 @@ def mfu(flops_per_token: float, tokens_per_s_per_device: float, peak_flops: floa
     return flops_per_token * tokens_per_s_per_device / peak_flops if peak_flops > 0 else 0.0
 
 
-class StepMetrics:
-    """Measurements of the steps since the last log line, turned into one record for all ranks.
+def resolve_peak(precision: str, detected: hardware.Accelerator, override_tflops: dict[str, float],
+                 profile_accelerator: str = "") -> tuple[float, str]:
+    """Dense peak FLOP/s per device for MFU, and a line saying where it comes from.
 
-    `observe()` is called by every rank after each optimizer step (cheap, local); `collect()` is
-    collective: it averages the loss over ranks, sums energy over ranks, and derives throughput,
-    MFU, energy and CO2.
+    Order: the cluster profile's `peak_tflops[precision]` (a measured or negotiated figure beats
+    the datasheet), then the detected device's row in megatrain/hardware.py, then the row named by
+    the profile's `accelerator` (for a GPU the table does not recognize by name). 0.0 when none
+    is known: MFU is then left out of the records rather than computed against a made-up number.
     """
+    if override_tflops.get(precision):
+        return override_tflops[precision] * 1e12, f"cluster profile peak_tflops.{precision} = {override_tflops[precision]:g}"
+    candidates = [detected, hardware.ACCELERATORS.get(profile_accelerator)]
+    for accel in candidates:
+        if accel is None:
+            continue
+        try:
+            flops = hardware.peak_flops(accel, precision)
+        except ValueError:
+            continue
+        rough = ", rough" if accel.rough else ""
+        return flops, f"{accel.name} dense {precision} peak {flops / 1e12:g} TFLOP/s (megatrain/hardware.py{rough})"
+    return 0.0, f"no {precision} peak known for {detected.name}: MFU not reported (set peak_tflops in the cluster profile)"
 
-    def __init__(self, *, tokens_per_step: int, world_size: int, flops_per_token: float, peak_flops: float,
-                 meter, pue: float, intensity_g_per_kwh: float, device: torch.device, max_steps: int,
-                 first_step: int, energy_before_j: float = 0.0):
-        self.tokens_per_step, self.world_size = tokens_per_step, world_size
-        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
-        self.meter, self.pue, self.intensity = meter, pue, intensity_g_per_kwh
-        self.device, self.max_steps, self.first_step = device, max_steps, first_step
-        self.energy_before_j = energy_before_j
-        self.t_start = self.t_last = time.perf_counter()
-        self.losses: list[float] = []
-        self.data_wait_s = 0.0
 
-    def observe(self, loss: float, data_wait_s: float) -> None:
-        self.losses.append(loss)
-        self.data_wait_s += data_wait_s
+def _all_reduce(values: list[float], op: str, device: torch.device) -> list[float]:
+    """Sum or max of a few floats over all ranks; the tensor lives where the backend wants it (NCCL: GPU)."""
+    import torch.distributed as dist
 
-    def energy_joules(self) -> float:
-        """IT energy of the whole job so far, all ranks, earlier jobs of this run included (collective)."""
-        return all_reduce_sum([self.meter.read().joules])[0] + self.energy_before_j
-
-    def collect(self, step: int, **extra) -> dict:
-        now = time.perf_counter()
-        n = max(len(self.losses), 1)
-        loss_sum, joules, power = all_reduce_sum([sum(self.losses), self.meter.read().joules, self.meter.read().power_w])
-        joules += self.energy_before_j
-        tok_s = n * self.tokens_per_step / (now - self.t_last)
-        per_device = tok_s / self.world_size
-        kwh_facility = energy.facility_kwh(joules, self.pue)
-        record = {
-            "step": step, "loss": loss_sum / (n * self.world_size), **extra,
-            "tokens_per_s": tok_s, "tokens_per_s_per_gpu": per_device,
-            "tflops_per_gpu": self.flops_per_token * per_device / 1e12,
-            "mfu": mfu(self.flops_per_token, per_device, self.peak_flops),
-            "step_s": (now - self.t_last) / n, "data_wait_s": self.data_wait_s / n,
-            "mem_gb": peak_memory_gb(self.device), "power_w": power,
-            "energy_kwh_it": joules / 3.6e6, "energy_kwh_facility": kwh_facility,
-            "co2_kg": energy.co2_kg(kwh_facility, self.intensity), "energy_method": self.meter.method,
-            "eta_s": (now - self.t_start) / max(step - self.first_step, 1) * (self.max_steps - step),
-        }
-        self.t_last, self.losses, self.data_wait_s = time.perf_counter(), [], 0.0
-        return record
+    if not dist.is_initialized():
+        return [float(v) for v in values]
+    on = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor(values, dtype=torch.float64, device=on)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return t.tolist()
 
 
 def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory of this process: allocated GPU memory, or the resident set size on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     import resource
@@ -89,86 +72,128 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-class JsonlSink:
-    def __init__(self, path: Path):
-        self.file = open(path, "a", buffering=1)  # line-buffered: a crash loses at most one line
+class StepMetrics:
+    """Measurements of the steps since the last log line, turned into one record for all ranks.
 
-    def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record, default=float) + "\n")
+    Every rank calls, per optimizer step: begin_step() before fetching the batch, begin_compute()
+    once it is in hand, begin_optimizer() after the last backward of the step, end_step(loss)
+    after the optimizer step. All cheap and local (no GPU synchronization, no communication).
+    collect() is collective, once per log interval: it averages loss and phase times over ranks,
+    sums energy and power over ranks, takes the max of peak memory, and derives throughput, MFU,
+    energy, CO2, GPU-hours (the meters' running time summed over ranks: the span the energy covers),
+    ETA and the projected final energy and CO2.
 
-    def close(self) -> None:
-        self.file.close()
+    `resumed` is the state() saved in the checkpoint this job resumed from: energy and device time
+    of earlier jobs of the same run, so that cumulative figures continue.
+    """
 
+    def __init__(self, *, tokens_per_step: int, world_size: int, flops_per_token: float, peak_flops: float,
+                 meter, pue: float, intensity_g_per_kwh: float, device: torch.device, max_steps: int,
+                 first_step: int, resumed: dict | None = None, clock=time.perf_counter):
+        self.tokens_per_step, self.world_size = tokens_per_step, world_size
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.meter, self.pue, self.intensity = meter, pue, intensity_g_per_kwh
+        self.device, self.max_steps, self.first_step = device, max_steps, first_step
+        self.energy_before_j = float((resumed or {}).get("energy_j", 0.0))
+        self.device_s_before = float((resumed or {}).get("device_s", 0.0))
+        self.cuda = device.type == "cuda"
+        self.clock = clock
+        self.t_start = clock()
+        self.skipped_steps = 0
+        self._reset()
 
-class WandbSink:
-    """A W&B run in RUN_DIR/wandb; offline unless the config asks for online."""
+    def _reset(self) -> None:
+        self._loss_sum = 0.0                  # a tensor once a step is seen; read only in collect()
+        self._steps = 0
+        self._data_wait_s = self._wall_s = 0.0
+        self._marks: list[tuple] = []         # (compute, optimizer, end) stamps of each step
+        self._t_step = self._t_end = None
 
-    def __init__(self, run_dir: Path, name: str, mode: str, project: str, entity: str | None, config: dict):
-        import wandb
+    # -- per step, every rank ---------------------------------------------------------------
+    def _stamp(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return self.clock()
 
-        os.environ.setdefault("WANDB_SILENT", "true")
-        self.run = wandb.init(dir=str(run_dir), name=name, project=project, entity=entity, mode=mode,
-                              config=config, settings=wandb.Settings(console="off", x_disable_stats=True))
+    def begin_step(self) -> None:
+        self._t_step = self.clock()
 
-    def write(self, record: dict) -> None:
-        self.run.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
+    def begin_compute(self) -> None:
+        self._data_wait_s += self.clock() - self._t_step
+        self._compute = self._stamp()
 
-    def close(self) -> None:
-        self.run.finish()
+    def begin_optimizer(self) -> None:
+        self._optimizer = self._stamp()
 
+    def end_step(self, loss, skipped_steps: int = 0) -> None:
+        """`loss`: the step's mean loss (a tensor stays on its device until collect()).
+        `skipped_steps`: cumulative steps the engine skipped (fp16 overflow), e.g. engine.skipped_steps."""
+        self._marks.append((self._compute, self._optimizer, self._stamp()))
+        self._t_end = self.clock()
+        self._wall_s += self._t_end - self._t_step
+        self._loss_sum = self._loss_sum + (loss.detach() if torch.is_tensor(loss) else loss)
+        self._steps += 1
+        self.skipped_steps = int(skipped_steps)
 
-def format_console(r: dict) -> str:
-    parts = [f"step {r['step']:>6}", f"loss {r['loss']:.4f}"]
-    if "val_loss" in r:
-        parts.append(f"val {r['val_loss']:.4f}")
-    parts += [f"lr {r['lr']:.2e}", f"{r['tokens_per_s']:,.0f} tok/s", f"mfu {100 * r['mfu']:.1f}%"]
-    if "energy_kwh_it" in r:
-        label = " (est.)" if r.get("energy_method") == "estimate" else ""
-        parts.append(f"{r['energy_kwh_facility'] * 1000:.2f} Wh {1000 * r['co2_kg']:.2f} gCO2e{label}")
-    if "eta_s" in r:
-        parts.append(f"eta {_duration(r['eta_s'])}")
-    return " | ".join(parts)
+    # -- per log interval, collective --------------------------------------------------------
+    def _phase_seconds(self) -> tuple[float, float]:
+        """Forward+backward and optimizer seconds summed over the interval's steps."""
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            return (sum(c.elapsed_time(o) for c, o, _ in self._marks) / 1000,
+                    sum(o.elapsed_time(e) for _, o, e in self._marks) / 1000)
+        return sum(o - c for c, o, _ in self._marks), sum(e - o for _, o, e in self._marks)
 
+    def collect(self, step: int, **extra) -> dict:
+        """One record for the steps since the last collect(); call on every rank at the same step."""
+        fwd_bwd_s, optimizer_s = self._phase_seconds()  # synchronizes the GPU: the clock below is honest
+        now = self.clock()
+        if self._t_end is not None:
+            self._wall_s += now - self._t_end  # GPU work still queued at end_step() finished by now
+        n = max(self._steps, 1)
+        sample = self.meter.read()
+        loss_sum = float(self._loss_sum)
+        estimated = 1.0 if sample.method == "estimate" else 0.0
+        (loss_sum, joules, power, metered_s, wall_s, data_wait_s, fwd_bwd_s, optimizer_s, n_estimated) = _all_reduce(
+            [loss_sum, sample.joules, sample.power_w, sample.elapsed_s, self._wall_s, self._data_wait_s, fwd_bwd_s,
+             optimizer_s, estimated], "sum", self.device)
+        (mem_gb,) = _all_reduce([peak_memory_gb(self.device)], "max", self.device)
+        w = self.world_size
+        step_s = wall_s / w / n                     # mean over ranks, per step
+        tok_s = self.tokens_per_step / step_s if step_s > 0 else 0.0
+        per_device = tok_s / w
+        joules_total = joules + self.energy_before_j
+        kwh_facility = energy.facility_kwh(joules_total, self.pue)
+        elapsed = now - self.t_start
+        done = max(step - self.first_step, 1)      # steps this job
+        remaining = max(self.max_steps - step, 0)
+        projected_j = joules_total + joules / done * remaining
+        record = {
+            "step": step, "loss": loss_sum / (n * w), **extra,
+            "tokens_per_s": tok_s, "tokens_per_s_per_gpu": per_device,
+            "tflops_per_gpu": self.flops_per_token * per_device / 1e12,
+        }
+        if self.peak_flops > 0:
+            record["mfu"] = mfu(self.flops_per_token, per_device, self.peak_flops)
+        record.update({
+            "step_s": step_s, "data_wait_s": data_wait_s / w / n, "fwd_bwd_s": fwd_bwd_s / w / n,
+            "optimizer_s": optimizer_s / w / n, "skipped_steps": self.skipped_steps, "mem_gb": mem_gb,
+            "gpu_hours": (self.device_s_before + metered_s) / 3600,  # the span the energy covers
+            "power_w": power, "energy_kwh_it": joules_total / 3.6e6, "energy_kwh_facility": kwh_facility,
+            "co2_kg": energy.co2_kg(kwh_facility, self.intensity),
+            # one estimating rank makes the whole sum an estimate, and it says so
+            "energy_method": "estimate" if n_estimated > 0 else sample.method,
+            "eta_s": elapsed / done * remaining,
+            "projected_kwh_facility": energy.facility_kwh(projected_j, self.pue),
+            "projected_co2_kg": energy.co2_kg(energy.facility_kwh(projected_j, self.pue), self.intensity),
+        })
+        self._reset()
+        return record
 
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
-class MetricsLogger:
-    """Fans records out to the sinks; a no-op on ranks other than 0."""
-
-    def __init__(self, run_dir: Path, enabled: bool, wandb_args: dict | None = None, stream=sys.stdout):
-        self.enabled, self.stream = enabled, stream
-        self.sinks: list = []
-        self.events = None
-        if not enabled:
-            return
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self.sinks.append(JsonlSink(run_dir / "metrics.jsonl"))
-        self.events = JsonlSink(run_dir / "events.jsonl")
-        if wandb_args and wandb_args["mode"] != "disabled":
-            try:
-                self.sinks.append(WandbSink(run_dir, **wandb_args))
-            except Exception as e:  # W&B must never take a run down
-                self.event({"event": "wandb_failed", "error": repr(e)})
-
-    def log(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        for sink in self.sinks:
-            sink.write(record)
-        print(format_console(record), file=self.stream, flush=True)
-
-    def event(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        record = {"time": time.time(), **record}
-        self.events.write(record)
-        print("[event] " + " ".join(f"{k}={v}" for k, v in record.items() if k != "time"), file=self.stream,
-              flush=True)
-
-    def close(self) -> None:
-        for sink in self.sinks + ([self.events] if self.events else []):
-            sink.close()
-        self.sinks, self.events = [], None
+    def state(self) -> dict:
+        """Cumulative energy (J, all ranks) and device-seconds of the run so far, for checkpoints (collective)."""
+        sample = self.meter.read()
+        joules, device_s = _all_reduce([sample.joules, sample.elapsed_s], "sum", self.device)
+        return {"energy_j": joules + self.energy_before_j, "device_s": device_s + self.device_s_before}

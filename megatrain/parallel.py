@@ -163,6 +163,8 @@ def all_reduce_sum(values: list[float]) -> list[float]:
 
     t = torch.tensor(values, dtype=torch.float64)
     if dist.is_initialized():
+        if dist.get_backend() == "nccl":  # NCCL reduces GPU tensors only
+            t = t.cuda()
         dist.all_reduce(t)
     return t.tolist()
 

@@ -13,7 +13,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from megatrain.config import Config, ConfigError, load_cluster, resolve_batch
 from megatrain.data import IGNORE_INDEX, DataLoader, PackedSamples, validation_batches
 from megatrain.guard import StabilityGuard
 from megatrain.launch import StopRequest
-from megatrain.metrics import MetricsLogger, StepMetrics
+from megatrain.metrics import StepMetrics, resolve_peak
 from megatrain.model import Transformer, count_params, flops_per_token
 from megatrain.optim import lr_at
 from megatrain.parallel import (
@@ -38,6 +37,7 @@ from megatrain.parallel import (
     validate_tensor_parallel,
 )
 from megatrain.shards import Dataset, ShardError
+from megatrain.sinks import MetricsLogger
 
 # Test hook: optimizer steps whose loss becomes NaN on rank 0, once each (as bad data would, until skipped).
 INJECT_NAN_ENV = "MEGATRAIN_INJECT_NAN_AT_STEPS"
@@ -100,19 +100,18 @@ class Trainer:
         self.layout = resolve_batch(cfg, self.dp_size)
         self.max_steps = cfg.run.max_steps or math.ceil(cfg.run.max_tokens / self.layout.tokens_per_step)
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
-        accel = hardware.detect_accelerator()
-        self.peak_flops = (self.cluster.peak_tflops.get(cfg.precision, 0) * 1e12
-                           or hardware.peak_flops(accel, cfg.precision))
+        self.accel = accel = hardware.detect_accelerator()
+        self.peak_flops, self.peak_source = resolve_peak(cfg.precision, accel, self.cluster.peak_tflops,
+                                                         self.cluster.accelerator)
 
         self.logger = MetricsLogger(self.run_dir, enabled=self.rank == 0, wandb_args={
             "name": cfg.run.name, "mode": cfg.wandb.mode, "project": cfg.wandb.project, "entity": cfg.wandb.entity,
-            "config": {"config": asdict(cfg), "cluster": asdict(self.cluster)}})
-        if self.rank == 0:
-            self._write_resolved_config()
+            "config": {"config": asdict(cfg)}})  # the rest comes with run_start
+        self.resolved = self._write_resolved_config() if self.rank == 0 else {}
 
         # The resume point decides how the engine is built: a checkpoint from another
         # (dp, tp, ZeRO) layout loads through DeepSpeed's universal format.
-        self.step, self.consumed, self.energy_before_j, self.skipped = 0, 0, 0.0, 0
+        self.step, self.consumed, self.skipped, meta = 0, 0, 0, {}
         found = checkpoint.find_resumable(self.ckpt_dir, log=self.logger.event) if cfg.run.resume == "auto" else None
         load_tag, universal = None, False
         if found:
@@ -120,8 +119,7 @@ class Trainer:
             universal = checkpoint.needs_universal(meta, self.dp_size, tp, cfg.parallel.zero_stage)
             if universal:
                 load_tag = checkpoint.to_universal(self.ckpt_dir, load_tag, log=self.logger.event)
-            self.step, self.consumed = meta["step"], meta["consumed_samples"]
-            self.energy_before_j, self.skipped = meta.get("energy_j", 0.0), meta.get("skipped_steps", 0)
+            self.step, self.consumed, self.skipped = meta["step"], meta["consumed_samples"], meta.get("skipped_steps", 0)
 
         torch.manual_seed(cfg.run.seed)
         self.engine, self.optimizer = build_engine(Transformer(cfg.model, cfg.data.seq_len), cfg, self.layout, self.device,
@@ -141,6 +139,11 @@ class Trainer:
             str(self.device), env.local_rank, self.cluster.device_power_w or accel.tdp_w or 0.0,
             fallback_source=(f"cluster profile '{self.cluster.name}'" if self.cluster.device_power_w
                              else f"{accel.name} board power"))
+        self.metrics = StepMetrics(
+            tokens_per_step=self.layout.tokens_per_step, world_size=self.world, flops_per_token=self.flops_per_token,
+            peak_flops=self.peak_flops, meter=self.meter, pue=self.cluster.pue,
+            intensity_g_per_kwh=self.cluster.carbon_intensity_g_per_kwh, device=self.device,
+            max_steps=self.max_steps, first_step=self.step, resumed=meta)
         self.guard = StabilityGuard(cfg.guard)
         self.stop = StopRequest()
         self.inject_nan = {int(s) for s in os.environ.get(INJECT_NAN_ENV, "").split(",") if s}
@@ -149,7 +152,7 @@ class Trainer:
         return DataLoader(self.sources, self.weights, self.layout, self.dp_rank, consumed, self.cfg.data.prefetch,
                           self.device.type)
 
-    def _write_resolved_config(self) -> None:
+    def _write_resolved_config(self) -> dict:
         cfg = self.cfg
         resolved = {"cluster_profile": asdict(self.cluster), "world_size": self.world, "dp_size": self.dp_size,
                     "batch": {**asdict(self.layout), "global_batch": self.layout.global_batch},
@@ -157,6 +160,7 @@ class Trainer:
                     "flops_per_token": self.flops_per_token, "versions": software_versions()}
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump({**asdict(cfg), "resolved": resolved},
                                                                  sort_keys=False))
+        return resolved
 
     # ------------------------------------------------------------------------- one step
 
@@ -165,8 +169,10 @@ class Trainer:
 
         Returns (mean loss over all ranks, update skipped, stop requested) — agreed by all ranks.
         """
-        engine = self.engine
+        engine, metrics = self.engine, self.metrics
+        metrics.begin_step()
         batches = self.loader.next_step()
+        metrics.begin_compute()
         skipped_before = engine.skipped_steps
         loss_sum, nonfinite = 0.0, 0.0
         for i, b in enumerate(batches):
@@ -183,9 +189,13 @@ class Trainer:
                     [loss_sum, 0.0 if math.isfinite(loss_sum) else 1.0, 1.0 if self.stop.signal else 0.0])
                 if nonfinite and self.cfg.parallel.zero_stage == 0:
                     self.optimizer.skip_next = True  # ZeRO 1-3 discard non-finite steps by themselves
+                metrics.begin_optimizer()  # DeepSpeed updates the weights in step() at the accumulation boundary
             engine.step()
         skipped = bool(nonfinite) or engine.skipped_steps > skipped_before
-        return loss_sum / (len(batches) * self.world), skipped, stop_votes > 0
+        self.skipped += skipped
+        loss = loss_sum / (len(batches) * self.world)
+        metrics.end_step(loss, skipped_steps=self.skipped)  # the global mean, the same on every rank
+        return loss, skipped, stop_votes > 0
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -201,8 +211,8 @@ class Trainer:
         loss_sum, count = all_reduce_sum([loss_sum, count])
         return loss_sum / max(count, 1)
 
-    def save(self, metrics: StepMetrics) -> None:
-        state = {"consumed_samples": self.loader.consumed_samples, "energy_j": metrics.energy_joules(),
+    def save(self) -> None:
+        state = {"consumed_samples": self.loader.consumed_samples, **self.metrics.state(),
                  "skipped_steps": self.skipped, "config": asdict(self.cfg),
                  "layout": {"dp_size": self.dp_size, "tp_size": self.cfg.parallel.tensor,
                             "zero_stage": self.cfg.parallel.zero_stage}}
@@ -243,22 +253,18 @@ class Trainer:
             print("megatrain: parameter memory per rank (GB): "
                   + " ".join(f"{gb:.3f}" for gb in self.param_gb_per_rank), flush=True)
         self.logger.event({"event": "parameter_memory", "gb_per_rank": self.param_gb_per_rank})
-        metrics = StepMetrics(tokens_per_step=layout.tokens_per_step, world_size=self.world,
-                              flops_per_token=self.flops_per_token, peak_flops=self.peak_flops, meter=self.meter,
-                              pue=self.cluster.pue, intensity_g_per_kwh=self.cluster.carbon_intensity_g_per_kwh,
-                              device=self.device, max_steps=self.max_steps, first_step=self.step,
-                              energy_before_j=self.energy_before_j)
+        self.logger.run_start({
+            "config": asdict(cfg), **self.resolved, "start_step": self.step, "tokens_per_step": layout.tokens_per_step,
+            "accelerator": self.accel.name, "peak_flops": self.peak_flops, "peak_source": self.peak_source,
+            "energy_method": self.meter.method, "energy_reason": self.meter.reason, "skipped_steps": self.skipped})
         record: dict = {}
         stopped = False
         while self.step < self.max_steps and not stopped:
             lr = lr_at(self.step, cfg.optim, self.max_steps)
             for group in self.engine.optimizer.param_groups:
                 group["lr"] = lr
-            t0 = time.perf_counter()
             loss, skipped, stopped = self.train_step()
             self.step += 1
-            self.skipped += skipped
-            metrics.observe(loss, time.perf_counter() - t0)
 
             verdict = self.guard.check(loss, skipped)
             if verdict:
@@ -270,10 +276,9 @@ class Trainer:
 
             last = self.step == self.max_steps
             if self.step % cfg.run.log_every == 0 or last:
-                record = metrics.collect(self.step, tokens=self.consumed_now * layout.seq_len, lr=lr,
-                                         grad_norm=float(self.engine.get_global_grad_norm() or 0.0),
-                                         skipped_steps=self.skipped, rollbacks=self.guard.rollbacks,
-                                         param_mem_gb=max(self.param_gb_per_rank))
+                record = self.metrics.collect(self.step, tokens=self.consumed_now * layout.seq_len, lr=lr,
+                                              grad_norm=float(self.engine.get_global_grad_norm() or 0.0),
+                                              rollbacks=self.guard.rollbacks, param_mem_gb=max(self.param_gb_per_rank))
                 if cfg.run.eval_every and self.step % cfg.run.eval_every == 0 or last:
                     record["val_loss"] = self.evaluate()
                     record["val_ppl"] = math.exp(min(record["val_loss"], 50))
@@ -281,7 +286,7 @@ class Trainer:
 
             stopped = stopped or self.step == cfg.run.stop_at_step
             if last or stopped or (cfg.run.ckpt_every and self.step % cfg.run.ckpt_every == 0):
-                self.save(metrics)
+                self.save()
             if stopped:
                 self.logger.event({"event": "stopped", "reason": self.stop.signal or "run.stop_at_step",
                                    "step": self.step})

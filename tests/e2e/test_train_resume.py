@@ -41,7 +41,11 @@ def test_zero2_on_two_processes_trains_checkpoints_and_resumes_exactly(tiny_data
     manifest = json.loads((part / "checkpoints" / "step00000016" / "megatrain-checkpoint.json").read_text())
     assert manifest["consumed_samples"] == 16 * 16 and manifest["files"]
     assert list(part.glob("wandb/offline-run-*/run-*.wandb")), "no offline W&B run"
-    record = read_jsonl(part / "metrics.jsonl")[-1]
+    part_records = read_jsonl(part / "metrics.jsonl")
+    for key in ("energy_kwh_it", "gpu_hours"):  # cumulative over the jobs of a run, not restarted per job
+        values = [r[key] for r in part_records]
+        assert [r["step"] for r in part_records] == list(range(1, 17)) and values == sorted(values), key
+    record = part_records[-1]
     assert record["energy_method"] in ("estimate", "rapl") and record["co2_kg"] > 0 and record["tokens_per_s"] > 0
 
     report = subprocess.run([sys.executable, "-m", "megatrain.cli", "report", str(full)], capture_output=True,

@@ -93,3 +93,80 @@ def test_documented_defaults():
     assert carbon.FRANCE_INTENSITY_G_PER_KWH == {
         "luccioni2022_bloom": 57.0, "codecarbon_owid_2023": 56.0, "green_algorithms": 51.3}
     assert carbon.JEAN_ZAY_PUE == 1.2
+
+
+# -- `megatrain carbon` ---------------------------------------------------------------------------
+
+def carbon_cli(capsys, *args):
+    from megatrain.cli import main
+
+    rc = main(["carbon", *args])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_cli_bloom_shows_the_formula(capsys):
+    rc, out, _ = carbon_cli(capsys, "--gpu-hours", "1082990", "--gpu-power-w", "400", "--pue", "1.2",
+                            "--intensity", "57")
+    assert rc == 0
+    assert "IT energy       = 1,082,990 GPU-h x 400 W / 1000 = 433,196 kWh" in out
+    assert "CO2e (facility) = 519,835 kWh x 57 gCO2e/kWh / 1000 = 29,631 kg (29.63 t)" in out
+    assert "CO2e (IT only)  = 433,196 kWh x 57 gCO2e/kWh / 1000 = 24,692 kg (24.69 t)" in out
+    assert "not given on the command line" not in out
+
+
+def test_cli_json_from_measured_energy(capsys):
+    rc, out, _ = carbon_cli(capsys, "--energy-kwh", "1066000", "--pue", "1.08", "--intensity", "330", "--json")
+    d = json.loads(out)
+    assert rc == 0 and d["energy_kwh_it"] == 1_066_000
+    assert d["energy_kwh_facility"] == pytest.approx(1_151_280)
+    assert (d["co2_kg"], d["co2_kg_it"]) == pytest.approx((379_922.4, 351_780))
+    assert d["sources"] == {"pue": "given", "intensity_g_per_kwh": "given", "energy_kwh": "given"}
+
+
+def test_cli_cluster_profile_supplies_pue_intensity_and_power(capsys):
+    from megatrain.config import load_cluster
+
+    local = load_cluster("local")
+    rc, out, _ = carbon_cli(capsys, "--gpu-hours", "100", "--cluster", "local", "--json")
+    d = json.loads(out)
+    assert rc == 0 and (d["pue"], d["intensity_g_per_kwh"]) == (local.pue, local.carbon_intensity_g_per_kwh)
+    assert d["energy_kwh_it"] == pytest.approx(100 * local.device_power_w / 1000)
+    assert d["sources"]["gpu_power_w"] == "cluster profile 'local'"
+    rc, out, _ = carbon_cli(capsys, "--gpu-hours", "100", "--cluster", "local", "--pue", "1.5", "--json")
+    assert json.loads(out)["pue"] == 1.5  # an explicit flag beats the profile
+
+
+def test_cli_defaults_are_stated(capsys):
+    rc, out, _ = carbon_cli(capsys, "--energy-kwh", "10")
+    assert rc == 0 and "CO2e (facility) = 10 kWh x 57 gCO2e/kWh / 1000 = 0.57 kg" in out
+    assert "intensity_g_per_kwh  default: France, Luccioni et al. 2022" in out
+
+
+def test_cli_published_table_reproduces_every_case(capsys):
+    rc, out, _ = carbon_cli(capsys, "--published")
+    assert rc == 0
+    rows = {}
+    for words in map(str.split, out.splitlines()):
+        if words and words[0] in PUBLISHED_CASES:
+            rows.setdefault(words[0], words)  # the first table: our numbers per case
+    assert rows["bloom-176b"][1:] == ["433", "MWh", "1.2", "520", "MWh", "57", "24.69", "t", "29.63", "t"]
+    assert rows["gopher-280b"][-4:] == ["352", "t", "380", "t"]
+    assert rows["llama3.1-8b"][-4:] == ["420", "t", "420", "t"]
+    assert "Discrepancy" in out and out.count("CO2e (facility) =") == len(PUBLISHED_CASES)
+    rc, out, _ = carbon_cli(capsys, "--published", "--json")
+    cases = {c["key"]: c for c in json.loads(out)}
+    assert set(cases) == set(PUBLISHED_CASES)
+    assert all(abs(v["relative_error"]) < REL for c in cases.values() for v in c["published"].values())
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "give --gpu-hours"),
+    (["--gpu-hours", "10"], "--gpu-hours needs --gpu-power-w"),
+    (["--energy-kwh", "-1"], "energy_kwh must be >= 0"),
+    (["--energy-kwh", "1", "--pue", "0.9"], "PUE must be >= 1"),
+    (["--energy-kwh", "1", "--cluster", "nowhere"], "no clusters preset 'nowhere'"),
+])
+def test_cli_bad_input_is_one_clear_line(capsys, args, message):
+    rc, out, err = carbon_cli(capsys, *args)
+    assert rc == 2 and message in err and "Traceback" not in err
