@@ -252,11 +252,11 @@ class Trainer:
                   flush=True)
             print("megatrain: parameter memory per rank (GB): "
                   + " ".join(f"{gb:.3f}" for gb in self.param_gb_per_rank), flush=True)
-        self.logger.event({"event": "parameter_memory", "gb_per_rank": self.param_gb_per_rank})
         self.logger.run_start({
             "config": asdict(cfg), **self.resolved, "start_step": self.step, "tokens_per_step": layout.tokens_per_step,
             "accelerator": self.accel.name, "peak_flops": self.peak_flops, "peak_source": self.peak_source,
             "energy_method": self.meter.method, "energy_reason": self.meter.reason, "skipped_steps": self.skipped})
+        self.logger.event({"event": "parameter_memory", "gb_per_rank": self.param_gb_per_rank})
         record: dict = {}
         stopped = False
         while self.step < self.max_steps and not stopped:

@@ -28,6 +28,10 @@ def run(tiny_dataset, tmp_path_factory):
     return run_dir, out.stdout
 
 
+def run_start(run_dir) -> dict:
+    return next(e for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "run_start")
+
+
 def leet(*args):
     result = subprocess.run([str(WANDB), "leet", "inspect", "--json", *args], capture_output=True, text=True,
                             check=True, stdin=subprocess.DEVNULL, timeout=120)
@@ -38,7 +42,7 @@ def leet(*args):
 def test_metrics_jsonl_records_are_complete_and_consistent(run):
     run_dir, _ = run
     records = read_jsonl(run_dir / "metrics.jsonl")
-    start = read_jsonl(run_dir / "events.jsonl")[0]
+    start = run_start(run_dir)
     assert [r["step"] for r in records] == [3, 6, 9, 12]
     tokens_per_step = start["tokens_per_step"]
     assert tokens_per_step == 16 * 64
@@ -68,7 +72,7 @@ def test_metrics_jsonl_records_are_complete_and_consistent(run):
 @pytest.mark.slow
 def test_run_start_event_carries_config_cluster_versions_and_methods(run):
     run_dir, _ = run
-    start = read_jsonl(run_dir / "events.jsonl")[0]
+    start = run_start(run_dir)
     assert start["event"] == "run_start" and start["start_step"] == 0 and start["max_steps"] == 12
     assert start["config"]["run"]["max_steps"] == 12 and start["cluster_profile"]["name"] == "local"
     versions = start["versions"]
@@ -91,7 +95,7 @@ def test_offline_wandb_history_matches_metrics_jsonl(run):
     summary = json.loads(leet("--summary", str(wandb_run)))
     assert summary["state"] == "finished"
     config = summary["config"]
-    assert config["versions"]["git_commit"] == read_jsonl(run_dir / "events.jsonl")[0]["versions"]["git_commit"]
+    assert config["versions"]["git_commit"] == run_start(run_dir)["versions"]["git_commit"]
     assert config["cluster_profile"]["pue"] == 1 and config["energy_method"] == records[12]["energy_method"]
 
 
