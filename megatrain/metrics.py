@@ -20,6 +20,7 @@ import time
 import torch
 
 from megatrain import energy, hardware
+from megatrain.parallel import all_reduce
 
 
 def mfu(flops_per_token: float, tokens_per_s_per_device: float, peak_flops: float) -> float:
@@ -49,18 +50,6 @@ def resolve_peak(precision: str, detected: hardware.Accelerator, override_tflops
         rough = ", rough" if accel.rough else ""
         return flops, f"{accel.name} dense {precision} peak {flops / 1e12:g} TFLOP/s (megatrain/hardware.py{rough})"
     return 0.0, f"no {precision} peak known for {detected.name}: MFU not reported (set peak_tflops in the cluster profile)"
-
-
-def _all_reduce(values: list[float], op: str, device: torch.device) -> list[float]:
-    """Sum or max of a few floats over all ranks; the tensor lives where the backend wants it (NCCL: GPU)."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        return [float(v) for v in values]
-    on = device if dist.get_backend() == "nccl" else torch.device("cpu")
-    t = torch.tensor(values, dtype=torch.float64, device=on)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
-    return t.tolist()
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -156,10 +145,10 @@ class StepMetrics:
         sample = self.meter.read()
         loss_sum = float(self._loss_sum)
         estimated = 1.0 if sample.method == "estimate" else 0.0
-        (loss_sum, joules, power, metered_s, wall_s, data_wait_s, fwd_bwd_s, optimizer_s, n_estimated) = _all_reduce(
+        (loss_sum, joules, power, metered_s, wall_s, data_wait_s, fwd_bwd_s, optimizer_s, n_estimated) = all_reduce(
             [loss_sum, sample.joules, sample.power_w, sample.elapsed_s, self._wall_s, self._data_wait_s, fwd_bwd_s,
-             optimizer_s, estimated], "sum", self.device)
-        (mem_gb,) = _all_reduce([peak_memory_gb(self.device)], "max", self.device)
+             optimizer_s, estimated], "sum")
+        (mem_gb,) = all_reduce([peak_memory_gb(self.device)], "max")
         w = self.world_size
         step_s = wall_s / w / n                     # mean over ranks, per step
         tok_s = self.tokens_per_step / step_s if step_s > 0 else 0.0
@@ -195,5 +184,5 @@ class StepMetrics:
     def state(self) -> dict:
         """Cumulative energy (J, all ranks) and device-seconds of the run so far, for checkpoints (collective)."""
         sample = self.meter.read()
-        joules, device_s = _all_reduce([sample.joules, sample.elapsed_s], "sum", self.device)
+        joules, device_s = all_reduce([sample.joules, sample.elapsed_s], "sum")
         return {"energy_j": joules + self.energy_before_j, "device_s": device_s + self.device_s_before}

@@ -157,16 +157,20 @@ def apply_activation_checkpointing(model: torch.nn.Module) -> None:
         block.forward = functools.partial(checkpoint, type(block).forward.__get__(block), use_reentrant=False)
 
 
-def all_reduce_sum(values: list[float]) -> list[float]:
-    """Sum a few floats over all ranks (identity when not distributed)."""
+def all_reduce(values: list[float], op: str = "sum") -> list[float]:
+    """Sum (or max) of a few floats over all ranks; identity when not distributed."""
     import torch.distributed as dist
 
     t = torch.tensor(values, dtype=torch.float64)
     if dist.is_initialized():
         if dist.get_backend() == "nccl":  # NCCL reduces GPU tensors only
             t = t.cuda()
-        dist.all_reduce(t)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
     return t.tolist()
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    return all_reduce(values, "sum")
 
 
 def all_gather(value) -> list:
