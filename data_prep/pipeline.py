@@ -74,8 +74,8 @@ def _fingerprint(recipe: Recipe, files: list[Path]) -> dict:
     if recipe.tokenizer.path:
         rec["tokenizer"]["path"] = file_sha256(recipe.tokenizer.path)
     rec.pop("report")
-    return {"inputs": [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files], "recipe": rec,
-            "format": "megatrain-prep-1"}
+    return json.loads(json.dumps({"inputs": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files],
+                                  "recipe": rec, "format": "megatrain-prep-1"}))
 
 
 def assign_units(units: list[Unit], size: int) -> list[list[int]]:
@@ -126,7 +126,7 @@ def _setup(opts: PrepOptions, recipe: Recipe, work: WorkDir, log) -> dict:
     plan = {"fingerprint": fingerprint, "units": [u.as_dict() for u in units], "recipe": recipe.as_dict(),
             "bytes_in": sum(f.stat().st_size for f in files)}
     write_json(work.plan, plan)
-    return {"plan": plan}
+    return {"plan": read_json(work.plan)}   # as a resumed run will see it (key order included)
 
 
 # ----------------------------------------------------------------------------- the run, on every rank
@@ -239,8 +239,8 @@ def _run(opts: PrepOptions, comm, log) -> dict:
         tok_path = work.out / "tokenizer.json"
         Manifest(vocab_size=tok.get_vocab_size(), eos_id=tok.token_to_id(EOS), tokenizer_file=tok_path.name,
                  tokenizer_sha256=file_sha256(tok_path), shards=shards,
-                 extra={"fingerprint": plan["fingerprint"], "created_by": f"megatrain {megatrain.__version__}",
-                        "recipe": plan["recipe"]}).write(work.out)
+                 extra={"fingerprint": plan["fingerprint"], "created_by": f"megatrain {megatrain.__version__}"}
+                 ).write(work.out)
         return report
 
     return _collective(comm, finish)
