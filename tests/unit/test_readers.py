@@ -1,5 +1,6 @@
 """Readers (units of work, bad input) and recipes."""
 import json
+import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -85,3 +86,5 @@ def test_a_second_run_cannot_write_into_the_same_output(tmp_path):
     (tmp_path / "a.jsonl").write_text(json.dumps({"text": "hello world"}) + "\n")
     with pytest.raises(PrepError, match="is being written by another `megatrain prep` .pid"):
         run_prep(PrepOptions(inputs=[str(tmp_path / "a.jsonl")], out=str(tmp_path / "out")), log=lambda *_: None)
+    os.close(fd)
+    run_prep(PrepOptions(inputs=[str(tmp_path / "a.jsonl")], out=str(tmp_path / "out")), log=lambda *_: None)
