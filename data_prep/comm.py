@@ -36,7 +36,7 @@ def detect_launcher(environ=os.environ) -> str:
 
 
 class SingleComm:
-    rank, size = 0, 1
+    rank, size, kind = 0, 1, "1 process"
 
     def barrier(self, tag: str = "") -> None:
         pass
@@ -57,6 +57,7 @@ class MPIComm:
 
         self.comm = MPI.COMM_WORLD
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        self.kind = "MPI ranks"
 
     def _arrive(self) -> None:
         """A barrier that sleeps while it waits: MPI's blocking calls spin a core at 100%, which
@@ -94,13 +95,14 @@ class FileComm:
     """Collectives through files in `directory` (shared by all ranks of this run)."""
 
     def __init__(self, directory: str | os.PathLike, rank: int, size: int, poll_s: float = 0.02,
-                 timeout_s: float = 7 * 24 * 3600, log=print, alive=None):
+                 timeout_s: float = 7 * 24 * 3600, log=print, alive=None, kind: str = "processes"):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.rank, self.size = rank, size
         self.poll_s, self.timeout_s, self.log = poll_s, timeout_s, log
         self.alive = alive   # optional callable raising if a helper process died
         self.calls = 0
+        self.kind = kind
 
     def _write(self, name: str, obj) -> None:
         tmp = self.dir / f".{name}.tmp-{os.getpid()}"

@@ -51,7 +51,8 @@ def run_prep(opts: PrepOptions, log=print) -> dict:
         else:
             rank, size = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
             session = f"step-{env['SLURM_JOB_ID']}.{env['SLURM_STEP_ID']}"
-        comm = FileComm(WorkDir(opts.out).sync(session), rank, size, log=log)
+        comm = FileComm(WorkDir(opts.out).sync(session), rank, size, log=log,
+                        kind="Slurm array tasks" if launcher == "array" else "srun tasks")
         lock = acquire_lock(Path(opts.out), shared=True)
     try:
         return _run_ranks(opts, comm, log)
@@ -136,7 +137,7 @@ def _run_local(opts: PrepOptions, log) -> dict:
                 if child.poll() not in (None, 0):
                     raise PrepError(f"worker {rank} failed (exit code {child.returncode}); see its error above")
 
-        comm = FileComm(WorkDir(out).sync(session), 0, opts.workers, log=log, alive=alive)
+        comm = FileComm(WorkDir(out).sync(session), 0, opts.workers, log=log, alive=alive, kind="local workers")
         report = _run_ranks(opts, comm, log)
         for rank, child in enumerate(children, start=1):
             if child.wait() != 0:

@@ -171,7 +171,7 @@ def _run(opts: PrepOptions, comm, log) -> dict:
     units = [Unit(**u) for u in plan["units"]]
     mine = assign_units(units, comm.size)[comm.rank]
     progress_dir = work.root / "progress"
-    quiet(f"prep: {len(units)} unit(s) of work from {plan['bytes_in'] / 1e6:,.1f} MB on {comm.size} worker(s)")
+    quiet(f"prep: {len(units)} unit(s) of work from {plan['bytes_in'] / 1e6:,.1f} MB on {comm.size} worker(s) ({comm.kind})")
 
     # -- scan: read, normalize, filter
     t = time.perf_counter()
