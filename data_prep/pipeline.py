@@ -285,8 +285,12 @@ def _tokenizer(recipe: Recipe, work: WorkDir, units: list[Unit], offsets, droppe
         done.touch()
         log(f"trained a byte-level BPE of {tok.get_vocab_size():,} tokens in {time.perf_counter() - t:.1f} s")
     tok = load_tokenizer(target)
-    check = [t for t, _ in zip(stages.sample_texts(work, [u.index for u in units], offsets, dropped, 1, 1, 0),
-                               range(500))]
+    check, chars = [], 0   # the first kept documents, up to ~300k characters: HF is the slow side
+    for text in stages.sample_texts(work, [u.index for u in units], offsets, dropped, 1, 1, 0):
+        check.append(text)
+        chars += len(text)
+        if len(check) >= 200 or chars > 300_000:
+            break
     return FastEncoder(tok, check).backend
 
 

@@ -115,6 +115,8 @@ class FastEncoder:
     def encode_lists(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text, without EOS."""
         if self.backend == "tiktoken":
+            if self.threads == 1:   # no thread pool: ~10% faster on one core
+                return [self.fast.encode_ordinary(t) for t in texts]
             return self.fast.encode_ordinary_batch(texts, num_threads=self.threads)
         return self._hf(texts)
 
