@@ -149,11 +149,15 @@ def iter_docs(work: WorkDir, unit: int):
 
 
 def doc_at(work: WorkDir, unit: int, index: int) -> tuple[str, str]:
-    for texts, sources in iter_docs(work, unit):
-        if index < len(texts):
-            return texts[index], sources[index]
-        index -= len(texts)
-    raise IndexError(index)
+    """(text, source) of one kept document: every record batch but the last holds BATCH_DOCS."""
+    reader = pa.ipc.open_file(pa.memory_map(str(work.unit(unit, "docs.arrow")), "r"))
+    row = reader.get_batch(index // BATCH_DOCS).slice(index % BATCH_DOCS, 1)
+    return row.column(0)[0].as_py(), row.column(1)[0].as_py()
+
+
+def dropped_in(dropped: np.ndarray, first_gid: int, end_gid: int) -> np.ndarray:
+    """The part of the sorted global `dropped` array that falls in [first_gid, end_gid)."""
+    return dropped[np.searchsorted(dropped, first_gid):np.searchsorted(dropped, end_gid)]
 
 
 # ----------------------------------------------------------------------------- tokenizer sample
@@ -169,9 +173,10 @@ def sample_texts(work: WorkDir, units: list[int], offsets: np.ndarray, dropped: 
     threshold = min(1.0, budget_chars / max(total_chars, 1)) * 2**64
     for u in units:
         gid = int(offsets[u])
+        local = dropped_in(dropped, int(offsets[u]), int(offsets[u + 1]))
         for texts, _ in iter_docs(work, u):
             gids = np.arange(gid, gid + len(texts))
-            keep = ~np.isin(gids, dropped)
+            keep = ~np.isin(gids, local)
             gid += len(texts)
             for g, text in zip(gids[keep].tolist(), itertools.compress(texts, keep)):
                 if xxhash.xxh3_64_intdigest(f"{seed}:{g}".encode()) < threshold:
@@ -188,11 +193,12 @@ def tokenize_unit(unit: int, first_gid: int, dropped: np.ndarray, encoder, dtype
     tmp = tmp_name(tok_path)
     lengths, gid, n_tokens = [], first_gid, 0
     eos = encoder.eos_id
+    dropped = dropped_in(dropped, first_gid, first_gid + 2**62)
     with open(tmp, "wb") as out:
         for texts, _ in iter_docs(work, unit):
             ids = np.arange(gid, gid + len(texts))
             gid += len(texts)
-            keep = ~np.isin(ids, dropped) if len(dropped) else np.ones(len(texts), bool)
+            keep = ~np.isin(ids, dropped[:np.searchsorted(dropped, gid)])
             texts = list(itertools.compress(texts, keep))
             if not texts:
                 continue
