@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import threading
 import time
 from pathlib import Path
 
@@ -103,6 +104,31 @@ class FileComm:
         self.alive = alive   # optional callable raising if a helper process died
         self.calls = 0
         self.kind = kind
+        # A heartbeat per rank, so that the others notice a rank killed without a word (OOM, node
+        # failure) instead of waiting for it until the job's time limit.
+        self.stale_s = float(os.environ.get("MEGATRAIN_PREP_STALE_S", "600"))
+        self._beat = threading.Event()
+        threading.Thread(target=self._heartbeat, daemon=True).start()
+
+    def _heartbeat(self) -> None:
+        path = self.dir / f"alive.{self.rank}"
+        while True:
+            path.touch()
+            if self._beat.wait(min(30.0, self.stale_s / 4)):
+                return
+
+    def _check_stale(self, missing: list[str]) -> None:
+        now = time.time()
+        for name in missing:
+            rank = name.split(".")[1]   # "00007-ag.<rank>", "00007-a2a.<from>.<to>", "exit.<rank>"
+            beat = self.dir / f"alive.{rank}"
+            try:
+                age = now - beat.stat().st_mtime
+            except OSError:
+                continue   # not started yet (a pending array task): keep waiting
+            if age > self.stale_s:
+                raise CommAborted(f"rank {rank} stopped without a word (no heartbeat for {age:.0f} s); rerun the "
+                                  "same command to resume")
 
     def _write(self, name: str, obj) -> None:
         tmp = self.dir / f".{name}.tmp-{os.getpid()}"
@@ -121,6 +147,7 @@ class FileComm:
                 raise CommAborted(abort.read_text())
             if self.alive is not None:
                 self.alive()
+            self._check_stale(missing)
             now = time.monotonic()
             if now - start > self.timeout_s:
                 raise TimeoutError(f"rank {self.rank}: gave up waiting for {what} ({missing[:3]}...)")

@@ -301,7 +301,9 @@ def _final_report(work, plan, units, recipe, dedup, tokens, docs_out, n_shards, 
     samples = {"exact_dedup": _dup_samples(work, dedup.get("exact_drop"), dedup.get("exact_of"), plan, limit, recipe),
                "near_dedup": _dup_samples(work, dedup.get("near_drop"), dedup.get("near_of"), plan, limit, recipe)}
     report = build_report(scan, {"exact": len(dedup.get("exact_drop", [])), "near": len(dedup.get("near_drop", []))},
-                          tokens, docs_out, seconds, plan["bytes_in"], n_shards, encoder)
+                          tokens, docs_out, seconds, plan["bytes_in"], n_shards, encoder,
+                          ["empty", *(f["name"] for f in recipe.filters), *(["exact_dedup"] if recipe.dedup.exact else []),
+                           *(["near_dedup"] if recipe.dedup.near.enabled else [])])
     report["workers"] = workers
     write_rejects(work.out, scan, samples, limit)
     save_report(work.out, report)

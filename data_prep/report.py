@@ -19,7 +19,8 @@ STAGE_ORDER = ["empty", "length", "quality", "repetition", "language", "exact_de
 
 
 def build_report(scan_stats: list[dict], dedup: dict, tokens: int, docs_out: int, seconds: dict,
-                 bytes_in: int, shards: int, encoder: str) -> dict:
+                 bytes_in: int, shards: int, encoder: str, stages: list[str] = ()) -> dict:
+    """`stages`: the filters and dedup stages the recipe runs, listed in `removed` even at 0."""
     totals = {k: Counter() for k in ("rejected", "repaired", "file_problems", "removed", "reasons")}
     docs_in = 0
     for s in scan_stats:
@@ -28,7 +29,8 @@ def build_report(scan_stats: list[dict], dedup: dict, tokens: int, docs_out: int
             totals[k].update(s[k])
     totals["removed"]["exact_dedup"] = dedup["exact"]
     totals["removed"]["near_dedup"] = dedup["near"]
-    removed = {k: totals["removed"][k] for k in sorted(totals["removed"], key=_stage_key) if totals["removed"][k]}
+    names = set(stages) | {k for k, n in totals["removed"].items() if n}
+    removed = {k: totals["removed"][k] for k in sorted(names, key=_stage_key)}
     total_s = sum(seconds.values())
     report = {
         "docs_in": docs_in, "docs_out": docs_out, "tokens": tokens,

@@ -114,7 +114,7 @@ def test_bad_lines_are_counted_not_fatal(tmp_path):
     assert report["repaired"] == {"invalid_utf8": 1}
     assert report["file_problems"] == {"truncated_or_corrupt_archive": 1, "empty_file": 1}
     # c.jsonl.gz holds copies of a.jsonl's first 5 documents: exact dedup removes them
-    assert report["removed"] == {"exact_dedup": 5} and report["docs_out"] == 31
+    assert report["removed"] == {"empty": 0, "exact_dedup": 5} and report["docs_out"] == 31
     assert report["docs_in"] == report["docs_out"] + 2 + 5
     locations = [json.loads(line)["location"] for line in open(tmp_path / "out" / "rejects" / "input.jsonl")]
     assert f"{tmp_path / 'a.jsonl'}:31" in locations
