@@ -159,7 +159,6 @@ def run_prep(opts: PrepOptions, log=print) -> dict:
 
 
 def _run(opts: PrepOptions, comm, log) -> dict:
-    t0 = time.perf_counter()
     seconds: dict[str, float] = {}
     recipe = resolve_recipe(opts)
     work = WorkDir(opts.out)
@@ -189,8 +188,10 @@ def _run(opts: PrepOptions, comm, log) -> dict:
     seconds["scan"] = time.perf_counter() - t
     if offsets[-1] == 0:
         _collective(comm, lambda: _final_report(work, plan, units, recipe, {}, 0, 0, 0, seconds, "-", quiet))
-        raise PrepError(f"no documents left in {', '.join(opts.inputs)} after reading and filtering; see "
-                        f"{work.out / 'report.json'} and {work.out / 'rejects'} for why")
+        error = PrepError(f"no documents left in {', '.join(opts.inputs)} after reading and filtering; see "
+                          f"{work.out / 'report.json'} and {work.out / 'rejects'} for why")
+        error.shared = True   # every rank saw the same counts
+        raise error
 
     # -- global dedup
     t = time.perf_counter()
@@ -234,7 +235,7 @@ def _run(opts: PrepOptions, comm, log) -> dict:
     def finish():
         report = _final_report(work, plan, units, recipe, dedup, sum(s.num_tokens for s in shards),
                                sum(s.num_documents for s in shards), len(shards), seconds, encoder.backend, quiet,
-                               t_start=t0, workers=comm.size)
+                               workers=comm.size)
         crash_point("manifest")
         tok_path = work.out / "tokenizer.json"
         Manifest(vocab_size=tok.get_vocab_size(), eos_id=tok.token_to_id(EOS), tokenizer_file=tok_path.name,
@@ -295,7 +296,7 @@ def _tokenizer(recipe: Recipe, work: WorkDir, units: list[Unit], offsets, droppe
 
 
 def _final_report(work, plan, units, recipe, dedup, tokens, docs_out, n_shards, seconds, encoder, log,
-                  t_start=None, workers=1) -> dict:
+                  workers=1) -> dict:
     scan = [stages.unit_done(work, u.index, "scan") for u in units]
     limit = recipe.report.reject_samples
     samples = {"exact_dedup": _dup_samples(work, dedup.get("exact_drop"), dedup.get("exact_of"), plan, limit, recipe),

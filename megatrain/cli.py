@@ -35,10 +35,15 @@ def _user_errors() -> tuple[type[Exception], ...]:
 def cmd_prep(args) -> int:
     from data_prep.pipeline import PrepOptions, run_prep
 
-    report = run_prep(PrepOptions(inputs=args.inputs, out=args.out, recipe=args.recipe, vocab_size=args.vocab_size,
-                                  tokenizer=args.tokenizer, text_field=args.text_field,
-                                  shard_tokens=args.shard_tokens, workers=args.workers, force=args.force,
-                                  keep_work=args.keep_work))
+    try:
+        report = run_prep(PrepOptions(inputs=args.inputs, out=args.out, recipe=args.recipe,
+                                      vocab_size=args.vocab_size, tokenizer=args.tokenizer,
+                                      text_field=args.text_field, shard_tokens=args.shard_tokens,
+                                      workers=args.workers, force=args.force, keep_work=args.keep_work))
+    except Exception as e:
+        if getattr(e, "shared", False) and not _is_rank0():
+            return 2   # every rank has this error: rank 0 prints it
+        raise
     if report is not None and report.get("docs_out") is not None and _is_rank0():
         print(f"prep: {report['docs_in']:,} documents in, {report['docs_out']:,} out, {report['tokens']:,} tokens "
               f"-> {args.out}")
