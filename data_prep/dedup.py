@@ -187,9 +187,11 @@ class MinHasher:
             g = _mix64(g) ^ h[j : len(h) - n + 1 + j]
         return _mix64(g) >> np.uint64(32)  # keep 32 bits: multiply-add-shift needs x < 2^32
 
-    def signature(self, text: str) -> np.ndarray:
-        """(num_perm,) uint32 MinHash signature; all 0xFFFFFFFF for a text without words."""
-        x = self.shingle_hashes(text)
+    def signature(self, text: str, shingles: np.ndarray | None = None) -> np.ndarray:
+        """(num_perm,) uint32 MinHash signature; all 0xFFFFFFFF for a text without words.
+
+        ``shingles``: the text's shingle_hashes, if the caller already has them."""
+        x = self.shingle_hashes(text) if shingles is None else shingles
         sig = np.full(self.config.num_perm, 0xFFFFFFFF, dtype=np.uint64)
         with np.errstate(over="ignore"):  # the wrap-around mod 2^64 is the point
             for start in range(0, len(x), _CHUNK):

@@ -24,14 +24,17 @@ class TokenizerError(Exception):
     """The tokenizer file is missing or not a byte-level BPE we can use; names the file."""
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: tuple[str, ...] = (EOS,)):
-    """Train a byte-level BPE (GPT-2 style) on `texts`; EOS gets id 0."""
+def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: tuple[str, ...] = (EOS,), min_frequency: int = 2):
+    """Train a byte-level BPE (GPT-2 style) on `texts` (any iterable: streamed); EOS gets id 0.
+
+    Deterministic: the same texts in the same order give the same tokenizer.json."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+    specials = [EOS] + [t for t in special_tokens if t != EOS]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens), min_frequency=2,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, min_frequency=min_frequency,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)
     return tok
@@ -84,25 +87,39 @@ def to_tiktoken(tok):
 
 
 class FastEncoder:
-    """Encodes documents to id arrays with tiktoken when it agrees with HF on a sample, else with HF."""
+    """Encodes documents to ids with tiktoken when it agrees with HF on a sample, else with HF.
 
-    def __init__(self, tok, sample: list[str], threads: int = 1):
+    Special-token strings inside a document ("<|endoftext|>" typed in a web page) are encoded as
+    ordinary text by both backends, so a document can never fake a document boundary.
+    `backend` forces a choice already made (all ranks of a prep use rank 0's decision).
+    """
+
+    def __init__(self, tok, sample: list[str], threads: int = 1, backend: str | None = None):
         self.hf, self.threads = tok, threads
+        self.hf.encode_special_tokens = True
         self.eos_id = tok.token_to_id(EOS)
         self.backend = "hf"
         try:
             fast = to_tiktoken(tok)
         except TokenizerError:
             return
-        reference = [e.ids for e in tok.encode_batch(sample, add_special_tokens=False)]
-        candidate = fast.encode_ordinary_batch(sample, num_threads=threads)
-        if reference == candidate:
+        if backend is None:
+            reference = self._hf(sample)
+            backend = "tiktoken" if reference == fast.encode_ordinary_batch(sample, num_threads=threads) else "hf"
+        if backend == "tiktoken":
             self.fast, self.backend = fast, "tiktoken"
+
+    def _hf(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+
+    def encode_lists(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text, without EOS."""
+        if self.backend == "tiktoken":
+            if self.threads == 1:   # no thread pool: ~10% faster on one core
+                return [self.fast.encode_ordinary(t) for t in texts]
+            return self.fast.encode_ordinary_batch(texts, num_threads=self.threads)
+        return self._hf(texts)
 
     def encode(self, texts: list[str]) -> list[np.ndarray]:
         """Token ids of each text followed by EOS."""
-        if self.backend == "tiktoken":
-            ids = self.fast.encode_ordinary_batch(texts, num_threads=self.threads)
-        else:
-            ids = [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
-        return [np.asarray(x + [self.eos_id], dtype=np.uint32) for x in ids]
+        return [np.asarray(x + [self.eos_id], dtype=np.uint32) for x in self.encode_lists(texts)]

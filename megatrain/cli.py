@@ -20,6 +20,7 @@ EXAMPLES = """examples:
 def _user_errors() -> tuple[type[Exception], ...]:
     from data_prep.pipeline import PrepError
     from data_prep.readers import InputError
+    from data_prep.recipe import RecipeError
     from data_prep.tokenizer import TokenizerError
     from megatrain.carbon import CarbonInputError
     from megatrain.checkpoint import CheckpointError
@@ -27,8 +28,8 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from megatrain.report import ReportError
     from megatrain.shards import ShardError
 
-    return (ConfigError, ShardError, CheckpointError, PrepError, InputError, TokenizerError, ReportError,
-            CarbonInputError, FileNotFoundError)
+    return (ConfigError, ShardError, CheckpointError, PrepError, InputError, TokenizerError, RecipeError,
+            ReportError, CarbonInputError, FileNotFoundError)
 
 
 # ----------------------------------------------------------------------------- prep
@@ -37,12 +38,23 @@ def _user_errors() -> tuple[type[Exception], ...]:
 def cmd_prep(args) -> int:
     from data_prep.pipeline import PrepOptions, run_prep
 
-    report = run_prep(PrepOptions(inputs=args.inputs, out=args.out, vocab_size=args.vocab_size,
-                                  tokenizer=args.tokenizer, text_field=args.text_field,
-                                  shard_tokens=args.shard_tokens, force=args.force))
-    print(f"prep: {report['docs_in']:,} documents in, {report['docs_out']:,} out, {report['tokens']:,} tokens "
-          f"-> {args.out}")
+    try:
+        report = run_prep(PrepOptions(inputs=args.inputs, out=args.out, recipe=args.recipe,
+                                      vocab_size=args.vocab_size, tokenizer=args.tokenizer,
+                                      text_field=args.text_field, shard_tokens=args.shard_tokens,
+                                      workers=args.workers, force=args.force, keep_work=args.keep_work))
+    except Exception as e:
+        if getattr(e, "shared", False) and not _is_rank0():
+            return 2   # every rank has this error: rank 0 prints it
+        raise
+    if report is not None and report.get("docs_out") is not None and _is_rank0():
+        print(f"prep: {report['docs_in']:,} documents in, {report['docs_out']:,} out, {report['tokens']:,} tokens "
+              f"-> {args.out}")
     return 0
+
+
+def _is_rank0() -> bool:
+    return all(os.environ.get(k, "0") == "0" for k in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"))
 
 
 # ----------------------------------------------------------------------------- train
@@ -167,17 +179,25 @@ def cmd_config_doc(args) -> int:
 def add_prep(sub) -> None:
     p = sub.add_parser("prep", help="raw text -> tokenizer + Arrow token shards",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Read raw text (jsonl, txt, parquet; .gz/.zst), train a byte-level BPE "
-                                   "tokenizer or load one, tokenize, and write Arrow shards with a manifest.",
-                       epilog="example:\n  megatrain prep corpus/ --out data/demo --vocab-size 4096")
+                       description="Read raw text (jsonl, txt, parquet; .gz/.zst), clean, filter and deduplicate it "
+                                   "as a recipe says, train a byte-level BPE tokenizer or load one, tokenize, and "
+                                   "write Arrow shards with a manifest and a report. Rerun the same command to "
+                                   "resume after a crash.",
+                       epilog="examples:\n  megatrain prep corpus/ --out data/demo --vocab-size 4096\n"
+                              "  megatrain prep raw/ --out data/fr-en --recipe configs/data/fr-en.yaml --workers 8\n"
+                              "  mpiexec -n 4 megatrain prep raw/ --out data/fr-en --recipe configs/data/fr-en.yaml")
     p.add_argument("inputs", nargs="+", help="input files, directories or globs")
     p.add_argument("--out", required=True, help="output dataset directory")
+    p.add_argument("--recipe", help="YAML recipe: filters, dedup, tokenizer, shards (see configs/data/)")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--vocab-size", type=int, default=32000, help="train a BPE of this size (default 32000)")
+    group.add_argument("--vocab-size", type=int, help="train a BPE of this size (default: the recipe's, 32000)")
     group.add_argument("--tokenizer", help="use this existing tokenizer.json instead of training one")
-    p.add_argument("--text-field", default="text", help="JSON field / parquet column holding the text")
-    p.add_argument("--shard-tokens", type=int, default=50_000_000, help="tokens per shard (default 50M)")
-    p.add_argument("--force", action="store_true", help="replace an existing dataset in --out")
+    p.add_argument("--text-field", help="JSON field / parquet column holding the text (default text)")
+    p.add_argument("--shard-tokens", type=int, help="tokens per shard (default: the recipe's, 50M)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="local worker processes (under mpiexec/srun or a Slurm array, the ranks are the workers)")
+    p.add_argument("--force", action="store_true", help="replace an existing dataset or unfinished prep in --out")
+    p.add_argument("--keep-work", action="store_true", help="keep DIR/.prep-work (intermediate files) at the end")
     p.set_defaults(func=cmd_prep)
 
 

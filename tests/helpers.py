@@ -44,3 +44,80 @@ def run_train(config: Path | str, overrides: list[str], nproc: int = 2, timeout:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+# ----------------------------------------------------------------------------- prep test corpus
+
+SPAM = {
+    "short": "Click here.",
+    "symbols": " ".join(["#tag #win #free #now ###"] * 40),
+    "repeated": "\n".join(["The best way to learn about the history of the town is to read the old letters and the "
+                           "records that the merchants have kept with care."] * 30),
+    "german": ("Der Fluss, der durch die Altstadt fließt, war mehr als tausend Jahre lang eine Quelle für Wasser, "
+               "Nahrung und Handel. Im Frühling, wenn in den Bergen der Schnee schmilzt, steigt das Wasser schnell "
+               "an, und die Bauern, die an seinen Ufern leben, treiben ihre Tiere auf höher gelegene Weiden. "
+               "Historiker haben im Archiv des Rathauses Berichte über große Überschwemmungen gefunden, dazu Briefe "
+               "von Kaufleuten, die sich beklagten, dass die Schiffe den Hafen wochenlang nicht erreichen konnten."),
+}
+
+
+def _edit(text: str, every: int = 40) -> str:
+    """The same text with one word in `every` replaced: a near duplicate (Jaccard of 5-shingles ~0.85)."""
+    words = text.split(" ")
+    return " ".join("modified" if i % every == 7 else w for i, w in enumerate(words))
+
+
+def planted_corpus(out_dir: Path, per_language: int = 24) -> dict:
+    """Real documents spread over jsonl, .gz, .zst, txt and parquet files, with planted duplicates
+    in other files than their originals, spam for each filter and broken input of every kind.
+
+    Returns what a prep with configs/data/fr-en.yaml must find: planted exact and near duplicates,
+    the location of each spam document, and the rejected records by kind.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    docs = {}
+    for lang in ("en", "fr"):
+        with gzip.open(CORPUS / f"{lang}.jsonl.gz", "rt") as f:
+            # long real documents, which pass the quality and repetition rules
+            texts = [json.loads(line)["text"] for line in f]
+        docs[lang] = [t for t in texts if 3000 < len(t) < 12000][:per_language + 3]
+    en, fr = docs["en"], docs["fr"]
+
+    def jsonl(records):
+        return "".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in records)
+
+    a = [{"text": t} for t in en[:8]] + [{"text": SPAM["short"]}, "{broken json", {"body": "no text"},
+                                          json.dumps({"text": "surrogate \ud800 " + en[8]})]
+    (out_dir / "a.jsonl").write_text(jsonl(a))
+    b = [{"text": t} for t in fr[:8]] + [{"text": en[2]}, {"text": _edit(en[3])}, {"text": SPAM["symbols"]}]
+    (out_dir / "b.jsonl").write_text(jsonl(b))
+    with gzip.open(out_dir / "c.jsonl.gz", "wt") as f:
+        f.write(jsonl([{"text": t} for t in en[9:14]] + [{"text": fr[4]}, {"text": SPAM["repeated"]}]))
+    (out_dir / "d.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(
+        jsonl([{"text": t} for t in fr[8:13]] + [{"text": _edit(fr[5])}, {"text": SPAM["german"]}]).encode()))
+    (out_dir / "e.txt").write_text(en[14])
+    pq.write_table(pa.table({"text": en[15:20] + [fr[6], None]}), out_dir / "f.parquet", row_group_size=3)
+    # a bigger plain file, cut into several units by a small read.unit_mb
+    big = [{"text": t} for t in fr[13:per_language] + en[20:per_language]] + [{"text": en[0]}]
+    (out_dir / "g.jsonl").write_text(jsonl(big))
+    # broken input
+    (out_dir / "h-latin1.jsonl").write_bytes(json.dumps({"text": en[1][:3000].replace("the", "thé")},
+                                                        ensure_ascii=False).encode("latin-1", "replace") + b"\n")
+    (out_dir / "i-empty.jsonl").write_text("")
+    with gzip.open(out_dir / "j.jsonl.gz", "wt") as f:
+        f.write(jsonl([{"text": t} for t in fr[per_language:]]))
+    (out_dir / "j.jsonl.gz").write_bytes((out_dir / "j.jsonl.gz").read_bytes()[:-200])   # truncated archive
+    (out_dir / "k-huge.jsonl").write_text(jsonl([{"text": "word " * 400_000}]))   # 2 MB: over max_doc_chars
+    return {
+        "exact": 4,        # en[2] in b, fr[4] in c, fr[6] in f, en[0] in g
+        "near": 2,         # edited en[3] in b, edited fr[5] in d
+        "spam": {"length": f"{out_dir / 'a.jsonl'}:9", "quality": f"{out_dir / 'b.jsonl'}:11",
+                 "repetition": f"{out_dir / 'c.jsonl.gz'}:7", "language": f"{out_dir / 'd.jsonl.zst'}:7"},
+        "rejected": {"malformed_json": 1, "missing_field": 2, "too_long": 1},
+        "repaired": {"invalid_utf8": 1, "lone_surrogate": 1},
+        "file_problems": {"empty_file": 1, "truncated_or_corrupt_archive": 1},
+    }

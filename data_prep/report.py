@@ -1,0 +1,106 @@
+"""The prep report: DIR/report.json, DIR/rejects/*.jsonl and the table printed at the end.
+
+Accounting, checked before the report is written: every record read is either a document in
+the output or counted once, as rejected (could not become a document: malformed JSON, missing
+field, too long), removed by a filter (or "empty" after normalization), or removed by a dedup
+stage:   docs_in == docs_out + sum(rejected) + sum(removed).
+Repairs (invalid UTF-8 replaced) keep the document and are counted apart; so are file-level
+problems (empty file, truncated archive), which are not records.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from data_prep.workdir import commit, tmp_name, write_json
+
+STAGE_ORDER = ["empty", "length", "quality", "repetition", "language", "exact_dedup", "near_dedup"]
+
+
+def build_report(scan_stats: list[dict], dedup: dict, tokens: int, docs_out: int, seconds: dict,
+                 bytes_in: int, shards: int, encoder: str, stages: list[str] = ()) -> dict:
+    """`stages`: the filters and dedup stages the recipe runs, listed in `removed` even at 0."""
+    totals = {k: Counter() for k in ("rejected", "repaired", "file_problems", "removed", "reasons")}
+    docs_in = 0
+    for s in scan_stats:
+        docs_in += s["docs_in"]
+        for k in totals:
+            totals[k].update(s[k])
+    totals["removed"]["exact_dedup"] = dedup["exact"]
+    totals["removed"]["near_dedup"] = dedup["near"]
+    names = set(stages) | {k for k, n in totals["removed"].items() if n}
+    removed = {k: totals["removed"][k] for k in sorted(names, key=_stage_key)}
+    total_s = sum(seconds.values())
+    report = {
+        "docs_in": docs_in, "docs_out": docs_out, "tokens": tokens,
+        "rejected": dict(sorted(totals["rejected"].items())),
+        "rejected_total": sum(totals["rejected"].values()),
+        "removed": removed, "removed_total": sum(removed.values()),
+        "removed_reasons": dict(sorted(totals["reasons"].items())),
+        "repaired": dict(sorted(totals["repaired"].items())),
+        "file_problems": dict(sorted(totals["file_problems"].items())),
+        "bytes_in": bytes_in, "shards": shards, "encoder": encoder,
+        "seconds": {k: round(v, 3) for k, v in seconds.items()}, "seconds_total": round(total_s, 3),
+        "tokens_per_s": round(tokens / max(seconds.get("tokenize", 0) + seconds.get("write", 0), 1e-9), 1),
+        "tokens_per_s_overall": round(tokens / max(total_s, 1e-9), 1),
+        "mb_per_s": round(bytes_in / 1e6 / max(total_s, 1e-9), 3),
+    }
+    report["accounted"] = docs_in == docs_out + report["rejected_total"] + report["removed_total"]
+    return report
+
+
+def _stage_key(name: str) -> tuple[int, str]:
+    return (STAGE_ORDER.index(name) if name in STAGE_ORDER else len(STAGE_ORDER) - 2, name)
+
+
+def write_rejects(out: Path, scan_stats: list[dict], dedup_samples: dict[str, list], limit: int) -> dict[str, int]:
+    """DIR/rejects/<stage>.jsonl: up to `limit` removed documents per stage, in input order, with the reason."""
+    merged: dict[str, list] = {}
+    for s in scan_stats:
+        for stage, items in s["samples"].items():
+            bucket = merged.setdefault(stage, [])
+            bucket += items[: max(0, limit - len(bucket))]
+    merged.update({k: v[:limit] for k, v in dedup_samples.items() if v})
+    directory = out / "rejects"
+    directory.mkdir(exist_ok=True)
+    for old in directory.glob("*.jsonl"):
+        if old.stem not in merged:
+            old.unlink()
+    for stage, items in merged.items():
+        path = directory / f"{stage}.jsonl"
+        tmp = tmp_name(path)
+        tmp.write_text("".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items))
+        commit(tmp, path)
+    return {k: len(v) for k, v in merged.items()}
+
+
+def save_report(out: Path, report: dict) -> None:
+    write_json(out / "report.json", report)
+
+
+def format_table(report: dict) -> str:
+    """The stage-by-stage table printed at the end of a prep."""
+    rows = [("documents in", report["docs_in"], "")]
+    left = report["docs_in"]
+    for kind, n in report["rejected"].items():
+        left -= n
+        rows.append((f"  rejected: {kind}", -n, left))
+    for stage, n in report["removed"].items():
+        left -= n
+        rows.append((f"  removed: {stage}", -n, left))
+    rows.append(("documents out", report["docs_out"], ""))
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'stage':<{width}}  {'documents':>12}  {'left':>12}"]
+    lines += [f"{name:<{width}}  {n:>12,}  {(f'{rest:,}' if rest != '' else ''):>12}" for name, n, rest in rows]
+    extra = {**{f"repaired: {k}": v for k, v in report["repaired"].items()},
+             **{f"file problem: {k}": v for k, v in report["file_problems"].items()}}
+    lines += [f"{name:<{width}}  {n:>12,}" for name, n in extra.items()]
+    secs = report["seconds"]
+    lines.append(f"tokens {report['tokens']:,} in {report['shards']} shard(s); input {report['bytes_in'] / 1e6:,.1f} MB "
+                 f"in {report['seconds_total']:.1f} s ({report['mb_per_s']:.2f} MB/s); tokenize+write "
+                 f"{report['tokens_per_s']:,.0f} tokens/s ({report['encoder']})")
+    lines.append("time per stage: " + ", ".join(f"{k} {v:.1f} s" for k, v in secs.items()))
+    if not report["accounted"]:
+        lines.append("WARNING: the counts do not add up; please report this as a bug")
+    return "\n".join(lines)

@@ -1,0 +1,282 @@
+"""The per-unit work of a prep, each step committed by a marker so that a rerun skips it.
+
+    scan_unit       read -> normalize -> filters; writes the kept text (Arrow), dedup keys, counts
+    tokenize_unit   kept text minus global duplicates -> token ids (*.tok) and lengths (*.len)
+    shard_layout    where shards start and end, from the token counts of all units
+    write_layout_shard   one shard of the layout, in the spine's Arrow format
+
+Every output depends only on the unit and the global results, never on which rank did it.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import xxhash
+
+from data_prep.dedup import MinHashConfig, MinHasher, text_hash
+from data_prep.filters import normalize
+from data_prep.readers import Unit, problem_class, read_unit
+from data_prep.recipe import Recipe
+from data_prep.workdir import WorkDir, commit, crash_point, read_json, save_npy, tmp_name, write_json
+from megatrain.shards import ShardInfo, write_shard
+
+DOCS_SCHEMA = pa.schema([pa.field("text", pa.large_string()), pa.field("source", pa.string())])
+BATCH_DOCS = 1024
+
+
+def minhasher(recipe: Recipe) -> MinHasher | None:
+    near = recipe.dedup.near
+    return MinHasher(MinHashConfig(near.shingle_size, near.bands, near.rows, near.seed)) if near.enabled else None
+
+
+class UnitCounts:
+    """What happened to the records of one unit, and samples of what was removed."""
+
+    def __init__(self, sample_limit: int, sample_chars: int):
+        self.docs_in = 0
+        self.kept = 0
+        self.chars_kept = 0
+        self.counters = {k: Counter() for k in ("rejected", "repaired", "file_problems", "removed", "reasons")}
+        self.samples: dict[str, list] = {}
+        self.limit, self.sample_chars = sample_limit, sample_chars
+
+    def on_reject(self, location: str, reason: str) -> None:
+        kind = reason.split(":")[0]
+        cls = problem_class(kind)
+        if cls == "repaired":
+            self.counters["repaired"][reason.split(":")[1]] += 1
+            return
+        if cls == "record":
+            self.docs_in += 1
+        self.counters["rejected" if cls == "record" else "file_problems"][kind] += 1
+        self._sample("input", {"location": location, "reason": reason})
+
+    def removed(self, stage: str, reason: str, location: str, text: str) -> None:
+        self.counters["removed"][stage] += 1
+        self.counters["reasons"][reason] += 1
+        self._sample(stage, {"location": location, "reason": reason, "text": text[: self.sample_chars]})
+
+    def _sample(self, stage: str, item: dict) -> None:
+        bucket = self.samples.setdefault(stage, [])
+        if len(bucket) < self.limit:
+            bucket.append(item)
+
+    def as_dict(self) -> dict:
+        return {"docs_in": self.docs_in, "kept": self.kept, "chars_kept": self.chars_kept,
+                **{k: dict(v) for k, v in self.counters.items()}, "samples": self.samples}
+
+
+def scan_unit(unit: Unit, recipe: Recipe, filters: list, hasher: MinHasher | None, work: WorkDir,
+              progress=None) -> dict:
+    """Read, clean and filter one unit; commit its kept text, dedup keys and counts."""
+    counts = UnitCounts(recipe.report.reject_samples, recipe.report.sample_chars)
+    docs_path, keys_path = work.unit(unit.index, "docs.arrow"), work.unit(unit.index, "keys.npz")
+    hashes, chars, signatures, has_shingles = [], [], [], []
+    texts, sources = [], []
+    tmp = tmp_name(docs_path)
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, DOCS_SCHEMA) as writer:
+        def flush():
+            writer.write_batch(pa.record_batch([pa.array(texts, pa.large_string()), pa.array(sources)],
+                                               schema=DOCS_SCHEMA))
+            texts.clear()
+            sources.clear()
+
+        read = read_unit(unit, counts.on_reject, recipe.read.text_field, recipe.read.txt_split,
+                         recipe.read.max_doc_chars)
+        for doc in read:
+            counts.docs_in += 1
+            if progress is not None:
+                progress.add(docs=1, chars=len(doc.text))
+            text = normalize(doc.text) if recipe.normalize else doc.text
+            if not text.strip():
+                counts.removed("empty", "empty", doc.source, doc.text)
+                continue
+            reason = None
+            for f in filters:
+                reason = f.check(text)
+                if reason is not None:
+                    counts.removed(f.name, reason, doc.source, text)
+                    break
+            if reason is not None:
+                continue
+            counts.kept += 1
+            counts.chars_kept += len(text)
+            chars.append(len(text))
+            if recipe.dedup.exact:
+                hashes.append(text_hash(text))
+            if hasher is not None:
+                shingles = hasher.shingle_hashes(text)
+                has_shingles.append(len(shingles) > 0)
+                signatures.append(hasher.signature(text, shingles))
+            texts.append(text)
+            sources.append(doc.source)
+            if len(texts) >= BATCH_DOCS:
+                flush()
+        if texts or counts.kept == 0:
+            flush()
+    commit(tmp, docs_path)
+    n_bands = hasher.config.bands if hasher is not None else 0
+    bands = hasher.band_keys(np.stack(signatures)) if signatures else np.zeros((0, n_bands), np.uint64)
+    tmp = tmp_name(keys_path)
+    with open(tmp, "wb") as f:
+        np.savez(f, hashes=np.array(hashes, dtype=np.uint64), chars=np.array(chars, dtype=np.int64),
+                 bands=bands,
+                 has_shingles=np.array(has_shingles, dtype=bool))
+    commit(tmp, keys_path)
+    crash_point("scan")
+    stats = {"unit": unit.index, **counts.as_dict()}
+    write_json(work.unit(unit.index, "scan.json"), stats)
+    return stats
+
+
+def read_keys(work: WorkDir, unit: int) -> dict[str, np.ndarray]:
+    with np.load(work.unit(unit, "keys.npz")) as z:
+        return {k: z[k] for k in z.files}
+
+
+def iter_docs(work: WorkDir, unit: int):
+    """(text, source) of the unit's kept documents, in order, a record batch at a time."""
+    reader = pa.ipc.open_file(pa.memory_map(str(work.unit(unit, "docs.arrow")), "r"))
+    for i in range(reader.num_record_batches):
+        batch = reader.get_batch(i)
+        yield batch.column(0).to_pylist(), batch.column(1).to_pylist()
+
+
+def doc_at(work: WorkDir, unit: int, index: int) -> tuple[str, str]:
+    """(text, source) of one kept document: every record batch but the last holds BATCH_DOCS."""
+    reader = pa.ipc.open_file(pa.memory_map(str(work.unit(unit, "docs.arrow")), "r"))
+    row = reader.get_batch(index // BATCH_DOCS).slice(index % BATCH_DOCS, 1)
+    return row.column(0)[0].as_py(), row.column(1)[0].as_py()
+
+
+def dropped_in(dropped: np.ndarray, first_gid: int, end_gid: int) -> np.ndarray:
+    """The part of the sorted global `dropped` array that falls in [first_gid, end_gid)."""
+    return dropped[np.searchsorted(dropped, first_gid):np.searchsorted(dropped, end_gid)]
+
+
+# ----------------------------------------------------------------------------- tokenizer sample
+
+
+def sample_texts(work: WorkDir, units: list[int], offsets: np.ndarray, dropped: np.ndarray, budget_chars: int,
+                 total_chars: int, seed: int):
+    """A seeded sample of about `budget_chars` characters of the kept documents, in global order.
+
+    A document is in it when a hash of (seed, its global index) falls under budget / total: the
+    same sample whatever the number of workers, streamed so memory stays small.
+    """
+    threshold = min(1.0, budget_chars / max(total_chars, 1)) * 2**64
+    for u in units:
+        gid = int(offsets[u])
+        local = dropped_in(dropped, int(offsets[u]), int(offsets[u + 1]))
+        for texts, _ in iter_docs(work, u):
+            gids = np.arange(gid, gid + len(texts))
+            keep = ~np.isin(gids, local)
+            gid += len(texts)
+            for g, text in zip(gids[keep].tolist(), itertools.compress(texts, keep)):
+                if xxhash.xxh3_64_intdigest(f"{seed}:{g}".encode()) < threshold:
+                    yield text
+
+
+# ----------------------------------------------------------------------------- tokenize
+
+
+def tokenize_unit(unit: int, first_gid: int, dropped: np.ndarray, encoder, dtype: np.dtype, work: WorkDir,
+                  progress=None) -> dict:
+    """Encode the unit's kept, non-duplicate documents; each document's ids end with EOS."""
+    tok_path, len_path = work.unit(unit, "tok"), work.unit(unit, "len.npy")
+    tmp = tmp_name(tok_path)
+    lengths, gid, n_tokens = [], first_gid, 0
+    eos = encoder.eos_id
+    dropped = dropped_in(dropped, first_gid, first_gid + 2**62)
+    with open(tmp, "wb") as out:
+        for texts, _ in iter_docs(work, unit):
+            ids = np.arange(gid, gid + len(texts))
+            gid += len(texts)
+            keep = ~np.isin(ids, dropped[:np.searchsorted(dropped, gid)])
+            texts = list(itertools.compress(texts, keep))
+            if not texts:
+                continue
+            encoded = encoder.encode_lists(texts)
+            for ids in encoded:
+                ids.append(eos)
+            batch_lengths = [len(x) for x in encoded]
+            flat = np.fromiter(itertools.chain.from_iterable(encoded), dtype=dtype, count=sum(batch_lengths))
+            out.write(flat.tobytes())
+            lengths += batch_lengths
+            n_tokens += len(flat)
+            if progress is not None:
+                progress.add(docs=len(texts), chars=sum(map(len, texts)), tokens=len(flat))
+    commit(tmp, tok_path)
+    save_npy(len_path, np.array(lengths, dtype=np.int64))
+    crash_point("tokenize")
+    stats = {"unit": unit, "documents": len(lengths), "tokens": n_tokens}
+    write_json(work.unit(unit, "tok.json"), stats)
+    return stats
+
+
+# ----------------------------------------------------------------------------- shards
+
+
+@dataclass
+class ShardPlan:
+    index: int
+    pieces: list[tuple[int, int, int]]   # (unit, first document, end document) in the unit's *.len
+
+
+def shard_layout(work: WorkDir, units: list[int], shard_tokens: int) -> list[ShardPlan]:
+    """Cut the global document sequence into shards: a shard closes once it holds shard_tokens."""
+    shards, pieces, held = [], [], 0
+    for u in units:
+        lengths = np.load(work.unit(u, "len.npy"))
+        start = 0
+        cum = np.cumsum(lengths)
+        while start < len(lengths):
+            base = cum[start - 1] if start else 0
+            # first document at which the open shard reaches shard_tokens
+            end = int(np.searchsorted(cum, base + (shard_tokens - held), side="left")) + 1
+            end = min(end, len(lengths))
+            pieces.append((u, start, end))
+            held += int(cum[end - 1] - base)
+            start = end
+            if held >= shard_tokens:
+                shards.append(ShardPlan(len(shards), pieces))
+                pieces, held = [], 0
+    if pieces:
+        shards.append(ShardPlan(len(shards), pieces))
+    return shards
+
+
+def write_layout_shard(plan: ShardPlan, work: WorkDir, vocab_size: int, dtype: np.dtype) -> ShardInfo:
+    marker = work.shard_marker(plan.index)
+    path = work.out / f"shard-{plan.index:05d}.arrow"
+    if marker.exists() and path.exists():
+        info = ShardInfo(**read_json(marker))
+        if os.path.getsize(path) == info.bytes:
+            return info
+    documents = []
+    for u, start, end in plan.pieces:
+        lengths = np.load(work.unit(u, "len.npy"))
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        tokens = np.memmap(work.unit(u, "tok"), dtype=dtype, mode="r") if offsets[-1] else np.zeros(0, dtype)
+        documents += [tokens[offsets[i]:offsets[i + 1]] for i in range(start, end)]
+    info = write_shard(path, documents, vocab_size)
+    crash_point("shard")
+    write_json(marker, info.__dict__)
+    return info
+
+
+def unit_done(work: WorkDir, unit: int, step: str) -> dict | None:
+    marker = work.unit(unit, f"{step}.json")
+    return read_json(marker) if marker.exists() else None
+
+
+def remove_tree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,132 @@
+"""The prep's work directory: intermediate files, completion markers, the lock, test crash points.
+
+    OUT/.prep.lock               flock: one run at a time writes into OUT
+    OUT/.prep-work/plan.json     fingerprint (inputs, recipe, options) and the units of work
+    OUT/.prep-work/units/        per unit: docs.arrow (kept text), hashes.npy, bands.npy, lengths of
+                                 tokens (*.len) and tokens (*.tok), each committed by a *.json marker
+    OUT/.prep-work/dedup.npz     which documents the global dedup removed
+    OUT/.prep-work/shards/       one marker per shard written (its manifest entry)
+    OUT/.prep-work/sync/         FileComm's files, one folder per launch
+
+Every file is written under a temporary name unique to the host and process, then renamed; a
+marker written last says that a unit's files are whole. A unit with no marker is redone from
+scratch. OUT/.prep-work is removed once manifest.json, the dataset's own completion marker, exists.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import socket
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+WORK_DIR = ".prep-work"
+LOCK_FILE = ".prep.lock"
+
+
+class LockedError(Exception):
+    """Another prep is writing into the same output directory."""
+
+
+def tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+
+
+def commit(tmp: Path, path: Path) -> None:
+    """fsync then rename: `path` is either absent or whole."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = tmp_name(path)
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+    commit(tmp, path)
+
+
+def read_json(path: Path):
+    return json.loads(path.read_text())
+
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    tmp = tmp_name(path)
+    with open(tmp, "wb") as f:
+        np.save(f, array, allow_pickle=False)
+    commit(tmp, path)
+
+
+class WorkDir:
+    def __init__(self, out: str | os.PathLike):
+        self.out = Path(out)
+        self.root = self.out / WORK_DIR
+
+    @property
+    def plan(self) -> Path:
+        return self.root / "plan.json"
+
+    @property
+    def dedup(self) -> Path:
+        return self.root / "dedup.npz"
+
+    def unit(self, index: int, name: str) -> Path:
+        return self.root / "units" / f"u{index:06d}.{name}"
+
+    def shard_marker(self, index: int) -> Path:
+        return self.root / "shards" / f"shard-{index:05d}.json"
+
+    def sync(self, session: str) -> Path:
+        return self.root / "sync" / session
+
+    def make(self) -> None:
+        for sub in ("units", "shards", "sync"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+
+
+# ----------------------------------------------------------------------------- lock
+
+
+def acquire_lock(out: Path, shared: bool = False) -> int:
+    """flock OUT/.prep.lock; returns the fd to keep open (children may inherit it).
+
+    Exclusive for a run's coordinator (local or MPI rank 0); shared for Slurm array tasks, which
+    all belong to one run. Released by the kernel when the process (and its children) end,
+    even after kill -9, so a stale lock never blocks a rerun.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise LockedError(f"{out} is being written by another `megatrain prep` ({owner}); wait for it to "
+                          "finish or choose another --out") from None
+    if not shared:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    return fd
+
+
+# ----------------------------------------------------------------------------- crash points
+
+_hits: Counter = Counter()
+
+
+def crash_point(name: str) -> None:
+    """Kill this process with SIGKILL at the n-th pass here if MEGATRAIN_PREP_KILL_AT=name:n.
+
+    The resume tests use it to crash at chosen moments for real (no cleanup, no finally).
+    """
+    spec = os.environ.get("MEGATRAIN_PREP_KILL_AT")
+    if not spec:
+        return
+    _hits[name] += 1
+    target, _, count = spec.partition(":")
+    if target == name and _hits[name] == int(count or 1):
+        os.kill(os.getpid(), signal.SIGKILL)

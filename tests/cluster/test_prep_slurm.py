@@ -1,0 +1,50 @@
+"""slurm/prep.sh on the local cluster: MPI ranks under srun on two nodes, and a Slurm job array.
+Both must give the bytes of a 1-process run of the same command."""
+from pathlib import Path
+
+import pytest
+
+from data_prep.pipeline import PrepOptions, run_prep
+from tests.e2e.test_prep_parallel import output_bytes
+from tests.helpers import REPO, planted_corpus
+from tests.unit.test_prep import PLANTED_RECIPE
+
+SCRIPT = REPO / "slurm" / "prep.sh"
+LOCAL = ["--partition=debug", "--qos=normal", "--time=10", "--ntasks-per-node=1"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("prep_slurm")
+    planted_corpus(root / "raw")
+    (root / "recipe.yaml").write_text(PLANTED_RECIPE)
+    run_prep(PrepOptions(inputs=[str(root / "raw")], out=str(root / "ref"), recipe=str(root / "recipe.yaml")),
+             log=lambda *_: None)
+    return root
+
+
+def _args(root: Path, out: Path) -> list[str]:
+    return [str(root / "raw"), "--out", str(out), "--recipe", str(root / "recipe.yaml")]
+
+
+@pytest.mark.timeout(300)
+def test_prep_sh_runs_mpi_ranks_on_two_nodes(slurm_cluster, corpus, tmp_path):
+    out = tmp_path / "out"
+    _job, state, log = slurm_cluster.run(SCRIPT, *_args(corpus, out), cwd=tmp_path, timeout=240,
+                                         env={"MEGATRAIN_PYTHON": slurm_cluster.python},
+                                         sbatch_args=[*LOCAL, "--nodes=2"])
+    assert state == "COMPLETED", log
+    assert "on 2 worker(s) (MPI ranks)" in log and "documents out" in log
+    assert output_bytes(out) == output_bytes(corpus / "ref")
+
+
+@pytest.mark.timeout(300)
+def test_prep_sh_as_a_job_array(slurm_cluster, corpus, tmp_path):
+    out = tmp_path / "out"
+    job = slurm_cluster.submit(SCRIPT, *_args(corpus, out), cwd=tmp_path,
+                               env={"MEGATRAIN_PYTHON": slurm_cluster.python},
+                               sbatch_args=[*LOCAL, "--nodes=1", "--array=0-1", "--output=array-%A_%a.out"])
+    assert slurm_cluster.wait(job, timeout=240) == "COMPLETED"
+    logs = "".join(p.read_text() for p in sorted(tmp_path.glob("array-*.out")))
+    assert "on 2 worker(s) (Slurm array tasks)" in logs, logs
+    assert output_bytes(out) == output_bytes(corpus / "ref")
