@@ -14,6 +14,7 @@ EXAMPLES = """examples:
   megatrain train configs/tiny.yaml --nproc 2 data.sources.0.path=data/demo
   megatrain report runs/tiny-demo
   megatrain carbon --gpu-hours 1082990 --gpu-power-w 400 --pue 1.2 --intensity 57
+  megatrain submit configs/my-run.yaml --cluster jean-zay-h100 --nodes 4 --account xyz
 """
 
 
@@ -74,7 +75,10 @@ def _launch_local(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from megatrain import launch
     from megatrain.config import load_config
+
+    launch.catch_stop_signals()  # a time-limit warning during the slow start-up must not kill us
 
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
@@ -88,9 +92,11 @@ def cmd_train(args) -> int:
     from megatrain.train import train
 
     summary = train(cfg)  # an exception propagates: the launcher (torchrun, srun) stops the other ranks
-    if int(os.environ.get("RANK", 0)) == 0:
+    rank = int(os.environ.get("RANK", 0))
+    if rank == 0:
         print(f"megatrain: {'stopped' if summary['interrupted'] else 'finished'} at step {summary['steps']}; "
               f"run directory {summary['run_dir']}", flush=True)
+    launch.finish_job(cfg, summary, rank)  # under Slurm, a signal-stop requeues the job (rank 0)
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -120,6 +126,38 @@ def dry_run(cfg, world_size: int) -> dict:
             "grad_accum": layout.grad_accum, "global_batch": layout.global_batch,
             "tokens_per_step": layout.tokens_per_step, "max_steps": steps,
             "total_tokens": steps * layout.tokens_per_step}
+
+
+# ----------------------------------------------------------------------------- submit
+
+
+def cmd_submit(args) -> int:
+    import submitit
+
+    from megatrain import launch
+    from megatrain.config import load_cluster
+
+    time_min = launch.parse_slurm_time(args.time)
+    if args.dry_run:
+        cfg = launch.prepare(args.config, args.overrides, args.cluster)
+        params = launch.slurm_parameters(load_cluster(cfg.cluster), nodes=args.nodes, tasks_per_node=args.tasks_per_node,
+                                         time_min=time_min, qos=args.qos, account=args.account, job_name=cfg.run.name)
+        print(json.dumps(params, indent=2))
+        return 0
+    job = launch.submit(args.config, args.overrides, cluster=args.cluster, nodes=args.nodes,
+                        tasks_per_node=args.tasks_per_node, time_min=time_min, qos=args.qos, account=args.account,
+                        folder=args.folder, executor=args.executor)
+    print(f"megatrain submit: job {job.job_id}; logs {job.paths.stdout.parent}", flush=True)
+    if not args.wait:
+        return 0
+    try:
+        summary = job.results()[0]
+    except (submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError) as e:
+        print(f"megatrain submit: job {job.job_id} failed:\n{e}", file=sys.stderr)
+        return 1
+    print(f"megatrain submit: job {job.job_id} {'stopped' if summary['interrupted'] else 'finished'} at step "
+          f"{summary['steps']}; run directory {summary['run_dir']}")
+    return 0
 
 
 # ----------------------------------------------------------------------------- report, config-doc
@@ -219,6 +257,34 @@ def add_train(sub) -> None:
     p.set_defaults(func=cmd_train)
 
 
+def add_submit(sub) -> None:
+    p = sub.add_parser("submit", help="submit a training run to Slurm (or local processes) through submitit",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Submit `megatrain train CONFIG overrides` as a Slurm job shaped by a cluster "
+                                   "profile (configs/clusters/): one task per GPU, constraint, QoS, account, "
+                                   "modules, a warning signal before the time limit. The job saves a checkpoint "
+                                   "and requeues itself before the limit, and resumes. Without Slurm, it runs as "
+                                   "local processes. For plain sbatch, see slurm/pretrain.sh.",
+                       epilog="examples:\n"
+                              "  megatrain submit configs/my-run.yaml --cluster jean-zay-h100 --nodes 4 --account xyz\n"
+                              "  megatrain submit configs/my-run.yaml --cluster jean-zay-a100 --time 2:00:00 --qos dev --dry-run\n"
+                              "  megatrain submit configs/tiny.yaml --executor local --tasks-per-node 2 --wait")
+    p.add_argument("config", help="run config YAML")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.add_argument("--cluster", help="cluster profile (default: the config's `cluster` key)")
+    p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    p.add_argument("--tasks-per-node", type=int, help="tasks per node (default: the profile's GPUs per node, or 1)")
+    p.add_argument("--time", default="20:00:00", help="time limit of each job, Slurm format (default 20:00:00)")
+    p.add_argument("--qos", help="QoS: a short name of the profile (dev, t3, t4) or a full name")
+    p.add_argument("--account", help="project to charge, e.g. xyz (the profile adds its suffix: xyz@h100)")
+    p.add_argument("--folder", help="submitit logs and pickles (default RUN_DIR/submitit)")
+    p.add_argument("--executor", choices=["auto", "slurm", "local"], default="auto",
+                   help="auto: Slurm if sbatch exists, else local processes")
+    p.add_argument("--wait", action="store_true", help="wait for the run (through requeues) and report how it ended")
+    p.add_argument("--dry-run", action="store_true", help="print the Slurm parameters as JSON and submit nothing")
+    p.set_defaults(func=cmd_submit)
+
+
 def add_report(sub) -> None:
     p = sub.add_parser("report", help="plots and summary of a run directory",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -266,7 +332,7 @@ def add_config_doc(sub) -> None:
     p.set_defaults(func=cmd_config_doc)
 
 
-SUBCOMMANDS = [add_prep, add_train, add_report, add_carbon, add_config_doc]
+SUBCOMMANDS = [add_prep, add_train, add_submit, add_report, add_carbon, add_config_doc]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -284,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     # overrides may come after options (`train CONFIG --nproc 2 run.max_steps=10`): collect them
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if args.command != "train" or any("=" not in e or e.startswith("-") for e in extra):
+        if args.command not in ("train", "submit") or any("=" not in e or e.startswith("-") for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides += extra
     try:

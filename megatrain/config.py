@@ -178,6 +178,8 @@ class RunConfig:
     """`auto` continues from the run directory's latest valid checkpoint, if any."""
     compile: bool = False
     """Wrap the model in torch.compile (GPU)."""
+    max_restarts: int = 100
+    """Most times a Slurm job requeues itself after a time-limit warning (SLURM_RESTART_COUNT); 100 x 20 h jobs is ~12 weeks."""
 
 
 @dataclass
@@ -207,6 +209,32 @@ class WandbConfig:
 
 
 @dataclass
+class SlurmOptions:
+    """How to ask this cluster's Slurm for nodes (used by `megatrain submit`; slurm/pretrain.sh shows the same flags)."""
+
+    partition: str = ""
+    """`--partition`; empty: the cluster's default (Jean Zay picks its GPU partitions from `constraint`)."""
+    constraint: str = ""
+    """`-C/--constraint`, e.g. `v100-32g`, `a100`, `h100` on Jean Zay."""
+    account_suffix: str = ""
+    """Appended to a project name to make `--account`: `xyz` -> `xyz@h100` on Jean Zay."""
+    qos: dict[str, str] = field(default_factory=dict)
+    """QoS names by short name, e.g. `{dev: qos_gpu_h100-dev, t3: qos_gpu_h100-t3, t4: qos_gpu_h100-t4}`."""
+    qos_max_hours: dict[str, float] = field(default_factory=dict)
+    """Longest job each QoS accepts (same keys as `qos`), e.g. `{dev: 2, t3: 20, t4: 100}`."""
+    default_qos: str = ""
+    """QoS used when none is asked for; a longer job gets the shortest non-dev QoS that fits its time."""
+    cpus_per_task: int = 1
+    """`--cpus-per-task` of one task (one GPU): the node's cores divided by its GPUs."""
+    hint: str = ""
+    """`--hint`, e.g. `nomultithread` (one task thread per physical core)."""
+    signal_s: int = 300
+    """Warning before the time limit (`--signal=USR1@N`), to finish a step and save; Slurm may send it up to a minute earlier."""
+    extra: list[str] = field(default_factory=list)
+    """Further sbatch options as on the command line, e.g. `[--exclusive]`."""
+
+
+@dataclass
 class ClusterProfile:
     """A machine the run executes on (configs/clusters/<name>.yaml): what MFU and CO2 are computed against."""
 
@@ -224,6 +252,16 @@ class ClusterProfile:
     """Power usage effectiveness of the datacenter (facility energy / IT energy)."""
     carbon_intensity_g_per_kwh: float = 56.0
     """Grid carbon intensity in gCO2e per kWh (France: ~56, OWID 2023)."""
+    gpus_per_node: int = 0
+    """GPUs per node; jobs start one task per GPU. 0 on CPU-only machines."""
+    cpus_per_node: int = 0
+    """Physical CPU cores per node (hyperthreads not counted)."""
+    modules: list[str] = field(default_factory=list)
+    """Environment modules a job loads (after `module purge`) before Python starts, e.g. `[arch/h100, pytorch-gpu/py3/2.7.0]`."""
+    setup: list[str] = field(default_factory=list)
+    """Further shell lines a job runs before Python (activate a venv, export variables)."""
+    slurm: SlurmOptions = field(default_factory=SlurmOptions)
+    """Slurm options for this cluster's GPU nodes."""
 
 
 def load_cluster(name_or_path: str) -> ClusterProfile:
@@ -343,6 +381,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"'batch.micro_batch' must be at least 1, got {cfg.batch.micro_batch}")
     if cfg.run.max_steps <= 0 and cfg.run.max_tokens <= 0:
         raise ConfigError("set 'run.max_steps' or 'run.max_tokens' to say how long to train")
+    if cfg.run.max_restarts < 0:
+        raise ConfigError(f"'run.max_restarts' must be 0 or more, got {cfg.run.max_restarts}")
     if cfg.optim.min_lr > cfg.optim.lr:
         raise ConfigError(f"'optim.min_lr' ({cfg.optim.min_lr}) is above 'optim.lr' ({cfg.optim.lr})")
 

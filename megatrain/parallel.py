@@ -26,18 +26,24 @@ class DistEnv:
     world_size: int = 1
     local_rank: int = 0
     local_world_size: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
 
     @classmethod
     def from_environ(cls, environ=os.environ) -> DistEnv:
-        """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; under `srun` we read SLURM_PROCID/NTASKS/LOCALID."""
+        """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; under `srun` we read SLURM_PROCID/NTASKS/LOCALID.
+        The master address and port: see `megatrain.launch.rendezvous` (first host of the step, port from the job id)."""
+        from megatrain.launch import rendezvous
+
+        addr, port = rendezvous(environ)
         if "RANK" in environ and "WORLD_SIZE" in environ:
             return cls(int(environ["RANK"]), int(environ["WORLD_SIZE"]), int(environ.get("LOCAL_RANK", 0)),
-                       int(environ.get("LOCAL_WORLD_SIZE", environ["WORLD_SIZE"])))
+                       int(environ.get("LOCAL_WORLD_SIZE", environ["WORLD_SIZE"])), addr, port)
         if "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ and "SLURM_STEP_ID" in environ:
             tasks_on_node = environ.get("SLURM_NTASKS_PER_NODE", environ.get("SLURM_TASKS_PER_NODE", "1"))
             return cls(int(environ["SLURM_PROCID"]), int(environ["SLURM_NTASKS"]),
-                       int(environ.get("SLURM_LOCALID", 0)), int(tasks_on_node.split("(")[0].split(",")[0]))
-        return cls()
+                       int(environ.get("SLURM_LOCALID", 0)), int(tasks_on_node.split("(")[0].split(",")[0]), addr, port)
+        return cls(master_addr=addr, master_port=port)
 
 
 def device_for(env: DistEnv) -> torch.device:
@@ -56,8 +62,8 @@ def init_distributed(env: DistEnv) -> torch.device:
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
     import deepspeed
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
+    os.environ.setdefault("MASTER_ADDR", env.master_addr)
+    os.environ.setdefault("MASTER_PORT", str(env.master_port))
     # DeepSpeed reads these from the environment, whichever launcher started us
     os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank))
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.cluster.training import reference_run  # noqa: F401  (a fixture: one uninterrupted run per session)
+
 HERE = Path(__file__).resolve().parent
 SCRIPT = HERE / "local_slurm.sh"
 CONF = Path("/etc/slurm/slurm.conf")

@@ -12,7 +12,7 @@ def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "megatrain.cli", *args], capture_output=True, text=True, cwd=REPO)
 
 
-@pytest.mark.parametrize("command", ["prep", "train", "report", "carbon", "config-doc"])
+@pytest.mark.parametrize("command", ["prep", "train", "submit", "report", "carbon", "config-doc"])
 def test_every_subcommand_explains_itself(command):
     out = run_cli(command, "--help")
     assert out.returncode == 0 and "usage: megatrain " + command in out.stdout and "example" in out.stdout
