@@ -58,17 +58,23 @@ class StopRequest:
         """The stop signal this rank got, or the one another rank got once `any_rank()` returned True."""
         return _received or _agreed
 
-    def any_rank(self) -> bool:
-        """True on every rank if any rank received a stop signal (collective); all ranks learn which."""
-        global _agreed
-        from megatrain.parallel import all_reduce_sum
+    def votes(self) -> list[float]:
+        """This rank's vote, one float per stop signal, for a sum over ranks (see `agree`)."""
+        return [1.0 if _received == s.name else 0.0 for s in STOP_SIGNALS]
 
-        names = [s.name for s in STOP_SIGNALS]
-        counts = all_reduce_sum([1.0 if _received == n else 0.0 for n in names])
-        seen = [n for n, c in zip(names, counts) if c > 0]
+    def agree(self, summed_votes: list[float]) -> bool:
+        """Given the votes summed over ranks: True on every rank if any rank got a stop signal."""
+        global _agreed
+        seen = [s.name for s, c in zip(STOP_SIGNALS, summed_votes) if c > 0]
         if seen and not _agreed:
             _agreed = seen[0]
         return bool(seen)
+
+    def any_rank(self) -> bool:
+        """True on every rank if any rank received a stop signal (collective); all ranks learn which."""
+        from megatrain.parallel import all_reduce_sum
+
+        return self.agree(all_reduce_sum(self.votes()))
 
 
 def stop_signal() -> str | None:

@@ -185,8 +185,9 @@ class Trainer:
             loss_sum += loss.detach().float().item()
             if i == len(batches) - 1:
                 # one collective per step: the loss, whether any rank saw a non-finite loss, stop votes
-                loss_sum, nonfinite, stop_votes = all_reduce_sum(
-                    [loss_sum, 0.0 if math.isfinite(loss_sum) else 1.0, 1.0 if self.stop.signal else 0.0])
+                loss_sum, nonfinite, *votes = all_reduce_sum(
+                    [loss_sum, 0.0 if math.isfinite(loss_sum) else 1.0, *self.stop.votes()])
+                stop = self.stop.agree(votes)
                 if nonfinite and self.cfg.parallel.zero_stage == 0:
                     self.optimizer.skip_next = True  # ZeRO 1-3 discard non-finite steps by themselves
                 metrics.begin_optimizer()  # DeepSpeed updates the weights in step() at the accumulation boundary
@@ -195,7 +196,7 @@ class Trainer:
         self.skipped += skipped
         loss = loss_sum / (len(batches) * self.world)
         metrics.end_step(loss, skipped_steps=self.skipped)  # the global mean, the same on every rank
-        return loss, skipped, stop_votes > 0
+        return loss, skipped, stop
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -272,7 +273,8 @@ class Trainer:
                                    "step": self.step, "loss": loss, "bad_streak": self.guard.bad_streak})
             if self.guard.should_roll_back and self.roll_back():
                 self.guard.rolled_back()
-                continue
+                if not stopped:
+                    continue
 
             last = self.step == self.max_steps
             if self.step % cfg.run.log_every == 0 or last:
