@@ -39,8 +39,12 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl")}
 
 
+BOOKKEEPING = {"run_start", "parameter_memory"}  # written by every job at start; not lifecycle
+
+
 def events(run_dir: Path) -> list[dict]:
-    return read_jsonl(run_dir / "events.jsonl")
+    """The run's lifecycle events (checkpoints, stops, requeues, resumes, W&B notes), oldest first."""
+    return [e for e in read_jsonl(run_dir / "events.jsonl") if e["event"] not in BOOKKEEPING]
 
 
 def incarnations(job: str) -> list[str]:
