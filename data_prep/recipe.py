@@ -16,15 +16,14 @@ thresholds are the fields of the filter classes in data_prep.filters. Command-li
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 from data_prep.filters import FILTERS, build_filter
 from data_prep.tokenizer import EOS
+from megatrain.schema import ConfigError, from_dict
 
 
 class RecipeError(Exception):
@@ -115,29 +114,15 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
-def _build(cls, raw: Any, where: str):
-    if raw is None:
-        return cls()
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{where}: expected a mapping, got {type(raw).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in raw.items():
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(fields)}"
-            raise RecipeError(f"{where}: unknown key '{key}'{hint}")
-        sub = {ReadConfig, NearDedupConfig, DedupConfig, TokenizerConfig, OutputConfig, ReportConfig}
-        ftype = next((c for c in sub if c.__name__ == fields[key].type), None)
-        if ftype is not None:
-            value = _build(ftype, {"enabled": value} if isinstance(value, bool) and ftype is NearDedupConfig
-                           else value, f"{where}.{key}")
-        kwargs[key] = value
-    return cls(**kwargs)
-
-
 def parse_recipe(raw: dict | None, where: str = "recipe") -> Recipe:
-    recipe = _build(Recipe, raw or {}, where)
+    raw = dict(raw or {})
+    dedup = raw.get("dedup")
+    if isinstance(dedup, dict) and isinstance(dedup.get("near"), bool):  # `near: true` is short for enabled
+        raw["dedup"] = {**dedup, "near": {"enabled": dedup["near"]}}
+    try:
+        recipe = from_dict(Recipe, raw)
+    except ConfigError as e:
+        raise RecipeError(f"{where}: {e}") from None
     for i, spec in enumerate(recipe.filters):
         if not isinstance(spec, dict) or "name" not in spec:
             raise RecipeError(f"{where}: filters[{i}] needs a 'name' (one of {', '.join(FILTERS)})")

@@ -61,8 +61,11 @@ def test_parquet_row_groups_become_units(tmp_path):
 
 
 def test_recipe_refuses_unknown_keys_by_name(tmp_path):
-    with pytest.raises(RecipeError, match="unknown key 'shingle'; did you mean 'shingle_size'"):
+    with pytest.raises(RecipeError, match="unknown key 'dedup.near.shingle'; did you mean 'dedup.near.shingle_size'"):
         parse_recipe({"dedup": {"near": {"shingle": 3}}})
+    with pytest.raises(RecipeError, match="'output.shard_tokens' should be a number"):
+        parse_recipe({"output": {"shard_tokens": "lots"}})
+    assert parse_recipe({"dedup": {"near": True}}).dedup.near.enabled
     with pytest.raises(RecipeError, match=r"filters\[0\] \(quality\).*min_word"):
         parse_recipe({"filters": [{"name": "quality", "min_word": 3}]})
     with pytest.raises(RecipeError, match="not a multiple of bands"):
