@@ -1,5 +1,6 @@
 """slurm/prep.sh on the local cluster: MPI ranks under srun on two nodes, and a Slurm job array.
 Both must give the bytes of a 1-process run of the same command."""
+import warnings
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,10 @@ from tests.helpers import REPO, planted_corpus
 from tests.unit.test_prep import PLANTED_RECIPE
 
 SCRIPT = REPO / "slurm" / "prep.sh"
+# Once in a few dozen runs on the CI machine, Slurm 22.05's pmi2 plugin misparses a PMI message
+# of MPICH's UCX address exchange ("invalid client request") and MPI_Init aborts: an artefact of
+# this local fake-node cluster, not of megatrain. Such a job is retried once, with a warning.
+PMI2_GARBLED = "mpi/pmi2: invalid client request"
 LOCAL = ["--partition=debug", "--qos=normal", "--time=10", "--ntasks-per-node=1"]
 
 
@@ -30,9 +35,13 @@ def _args(root: Path, out: Path) -> list[str]:
 @pytest.mark.timeout(300)
 def test_prep_sh_runs_mpi_ranks_on_two_nodes(slurm_cluster, corpus, tmp_path):
     out = tmp_path / "out"
-    _job, state, log = slurm_cluster.run(SCRIPT, *_args(corpus, out), cwd=tmp_path, timeout=240,
-                                         env={"MEGATRAIN_PYTHON": slurm_cluster.python},
-                                         sbatch_args=[*LOCAL, "--nodes=2"])
+    for attempt in (1, 2):
+        job, state, log = slurm_cluster.run(SCRIPT, *_args(corpus, out), cwd=tmp_path, timeout=240,
+                                            env={"MEGATRAIN_PYTHON": slurm_cluster.python},
+                                            sbatch_args=[*LOCAL, "--nodes=2"])
+        if state == "COMPLETED" or PMI2_GARBLED not in log or attempt == 2:
+            break
+        warnings.warn(f"job {job}: Slurm's pmi2 plugin garbled a PMI message; rerunning it (the rerun resumes)")
     assert state == "COMPLETED", log
     assert "on 2 worker(s) (MPI ranks)" in log and "documents out" in log
     assert output_bytes(out) == output_bytes(corpus / "ref")
