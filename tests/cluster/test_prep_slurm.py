@@ -41,7 +41,8 @@ def test_prep_sh_runs_mpi_ranks_on_two_nodes(slurm_cluster, corpus, tmp_path):
                                             sbatch_args=[*LOCAL, "--nodes=2"])
         if state == "COMPLETED" or PMI2_GARBLED not in log or attempt == 2:
             break
-        warnings.warn(f"job {job}: Slurm's pmi2 plugin garbled a PMI message; rerunning it (the rerun resumes)")
+        warnings.warn(f"job {job}: Slurm's pmi2 plugin garbled a PMI message; rerunning it (the rerun resumes)",
+                      stacklevel=1)
     assert state == "COMPLETED", log
     assert "on 2 worker(s) (MPI ranks)" in log and "documents out" in log
     assert output_bytes(out) == output_bytes(corpus / "ref")
