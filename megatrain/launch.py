@@ -3,7 +3,7 @@
 A training job on Jean Zay lives 20 hours at most; a run lives weeks. The chain is:
 
     Slurm warns every task before the time limit (`--signal=USR1@300`, or SIGTERM)
-      -> `StopRequest.any_rank()` after every step: all ranks agree to stop
+      -> every step's all-reduce carries each rank's `StopRequest.votes()`: all ranks agree to stop
       -> the loop finishes the step, saves a checkpoint, returns          (megatrain/train.py)
       -> `finish_job()`: rank 0 runs `scontrol requeue $SLURM_JOB_ID`, within `run.max_restarts`
       -> Slurm restarts the same job (same id, SLURM_RESTART_COUNT + 1), which resumes from the checkpoint.
