@@ -20,6 +20,8 @@ import threading
 import time
 from pathlib import Path
 
+from megatrain.shards import temp_path
+
 
 class CommAborted(Exception):
     """Another rank failed; its message is included."""
@@ -131,7 +133,7 @@ class FileComm:
                                   "same command to resume")
 
     def _write(self, name: str, obj) -> None:
-        tmp = self.dir / f".{name}.tmp-{os.getpid()}"
+        tmp = temp_path(self.dir / name)
         tmp.write_bytes(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
         os.replace(tmp, self.dir / name)
 

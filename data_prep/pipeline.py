@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,9 +28,9 @@ from data_prep.progress import Progress
 from data_prep.readers import Unit, expand_inputs, plan_units
 from data_prep.recipe import Recipe, load_recipe
 from data_prep.report import build_report, format_table, save_report, write_rejects
-from data_prep.tokenizer import EOS, FastEncoder, file_sha256, load_tokenizer, train_bpe
-from data_prep.workdir import WorkDir, crash_point, read_json, write_json
-from megatrain.shards import MANIFEST_FILE, Manifest, ShardInfo, token_dtype
+from data_prep.tokenizer import EOS, FastEncoder, load_tokenizer, train_bpe
+from data_prep.workdir import WorkDir, commit, crash_point, read_json, write_json
+from megatrain.shards import MANIFEST_FILE, Manifest, ShardInfo, sha256_file, temp_path, token_dtype
 
 
 class PrepError(Exception):
@@ -72,7 +71,7 @@ def _fingerprint(recipe: Recipe, files: list[Path]) -> dict:
     """What the output depends on. Not the number of workers: the output is the same for any."""
     rec = recipe.as_dict()
     if recipe.tokenizer.path:
-        rec["tokenizer"]["path"] = file_sha256(recipe.tokenizer.path)
+        rec["tokenizer"]["path"] = sha256_file(recipe.tokenizer.path)
     rec.pop("report")
     return json.loads(json.dumps({"inputs": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files],
                                   "recipe": rec, "format": "megatrain-prep-1"}))
@@ -239,7 +238,7 @@ def _run(opts: PrepOptions, comm, log) -> dict:
         crash_point("manifest")
         tok_path = work.out / "tokenizer.json"
         Manifest(vocab_size=tok.get_vocab_size(), eos_id=tok.token_to_id(EOS), tokenizer_file=tok_path.name,
-                 tokenizer_sha256=file_sha256(tok_path), shards=shards,
+                 tokenizer_sha256=sha256_file(tok_path), shards=shards,
                  extra={"fingerprint": plan["fingerprint"], "created_by": f"megatrain {megatrain.__version__}"}
                  ).write(work.out)
         return report
@@ -261,9 +260,10 @@ def _dedup(comm, recipe: Recipe, work: WorkDir, mine: list[int], offsets: np.nda
         not_exact = ~np.isin(near_drop, exact_drop)
         near_drop, near_of = near_drop[not_exact], near_of[not_exact]
     if comm.rank == 0:
-        tmp = work.dedup.with_name(f".dedup.tmp-{socket.gethostname()}-{os.getpid()}.npz")
-        np.savez(tmp, exact_drop=exact_drop, exact_of=exact_of, near_drop=near_drop, near_of=near_of)
-        os.replace(tmp, work.dedup)
+        tmp = temp_path(work.dedup)
+        with open(tmp, "wb") as f:  # a file object: given a path, np.savez would append ".npz" to it
+            np.savez(f, exact_drop=exact_drop, exact_of=exact_of, near_drop=near_drop, near_of=near_of)
+        commit(tmp, work.dedup)
 
 
 def _tokenizer(recipe: Recipe, work: WorkDir, units: list[Unit], offsets, dropped, log) -> str:

@@ -13,7 +13,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from data_prep.workdir import commit, tmp_name, write_json
+from data_prep.workdir import commit, write_json
+from megatrain.shards import temp_path
 
 STAGE_ORDER = ["empty", "length", "quality", "repetition", "language", "exact_dedup", "near_dedup"]
 
@@ -69,7 +70,7 @@ def write_rejects(out: Path, scan_stats: list[dict], dedup_samples: dict[str, li
             old.unlink()
     for stage, items in merged.items():
         path = directory / f"{stage}.jsonl"
-        tmp = tmp_name(path)
+        tmp = temp_path(path)
         tmp.write_text("".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items))
         commit(tmp, path)
     return {k: len(v) for k, v in merged.items()}

@@ -23,8 +23,8 @@ from data_prep.dedup import MinHashConfig, MinHasher, text_hash
 from data_prep.filters import normalize
 from data_prep.readers import Unit, problem_class, read_unit
 from data_prep.recipe import Recipe
-from data_prep.workdir import WorkDir, commit, crash_point, read_json, save_npy, tmp_name, write_json
-from megatrain.shards import ShardInfo, write_shard
+from data_prep.workdir import WorkDir, commit, crash_point, read_json, save_npy, write_json
+from megatrain.shards import ShardInfo, temp_path, write_shard
 
 DOCS_SCHEMA = pa.schema([pa.field("text", pa.large_string()), pa.field("source", pa.string())])
 BATCH_DOCS = 1024
@@ -79,7 +79,7 @@ def scan_unit(unit: Unit, recipe: Recipe, filters: list, hasher: MinHasher | Non
     docs_path, keys_path = work.unit(unit.index, "docs.arrow"), work.unit(unit.index, "keys.npz")
     hashes, chars, signatures, has_shingles = [], [], [], []
     texts, sources = [], []
-    tmp = tmp_name(docs_path)
+    tmp = temp_path(docs_path)
     with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, DOCS_SCHEMA) as writer:
         def flush():
             writer.write_batch(pa.record_batch([pa.array(texts, pa.large_string()), pa.array(sources)],
@@ -123,7 +123,7 @@ def scan_unit(unit: Unit, recipe: Recipe, filters: list, hasher: MinHasher | Non
     commit(tmp, docs_path)
     n_bands = hasher.config.bands if hasher is not None else 0
     bands = hasher.band_keys(np.stack(signatures)) if signatures else np.zeros((0, n_bands), np.uint64)
-    tmp = tmp_name(keys_path)
+    tmp = temp_path(keys_path)
     with open(tmp, "wb") as f:
         np.savez(f, hashes=np.array(hashes, dtype=np.uint64), chars=np.array(chars, dtype=np.int64),
                  bands=bands,
@@ -190,7 +190,7 @@ def tokenize_unit(unit: int, first_gid: int, dropped: np.ndarray, encoder, dtype
                   progress=None) -> dict:
     """Encode the unit's kept, non-duplicate documents; each document's ids end with EOS."""
     tok_path, len_path = work.unit(unit, "tok"), work.unit(unit, "len.npy")
-    tmp = tmp_name(tok_path)
+    tmp = temp_path(tok_path)
     lengths, gid, n_tokens = [], first_gid, 0
     eos = encoder.eos_id
     dropped = dropped_in(dropped, first_gid, first_gid + 2**62)

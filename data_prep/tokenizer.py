@@ -8,7 +8,6 @@ checks that on a sample of the real data before it is trusted, and falls back to
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -53,10 +52,6 @@ def load_tokenizer(path: str | Path):
     if tok.token_to_id(EOS) is None:
         raise TokenizerError(f"{path} has no '{EOS}' token, which separates documents; add it or train a new one")
     return tok
-
-
-def file_sha256(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _byte_decoder() -> dict[str, int]:

@@ -24,16 +24,14 @@ from pathlib import Path
 
 import numpy as np
 
+from megatrain.shards import atomic_write_bytes, temp_path
+
 WORK_DIR = ".prep-work"
 LOCK_FILE = ".prep.lock"
 
 
 class LockedError(Exception):
     """Another prep is writing into the same output directory."""
-
-
-def tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
 
 
 def commit(tmp: Path, path: Path) -> None:
@@ -44,9 +42,7 @@ def commit(tmp: Path, path: Path) -> None:
 
 
 def write_json(path: Path, obj) -> None:
-    tmp = tmp_name(path)
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-    commit(tmp, path)
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
 
 
 def read_json(path: Path):
@@ -54,7 +50,7 @@ def read_json(path: Path):
 
 
 def save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = tmp_name(path)
+    tmp = temp_path(path)
     with open(tmp, "wb") as f:
         np.save(f, array, allow_pickle=False)
     commit(tmp, path)

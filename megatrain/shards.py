@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -64,10 +65,16 @@ def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write to `path.tmp-PID`, fsync, rename: readers see the old file or the whole new one."""
+def temp_path(path: str | os.PathLike) -> Path:
+    """Where to write `path` before renaming it: hidden, and unique per host and process (shared filesystems)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a temporary name, fsync, rename: readers see the old file or the whole new one."""
+    path = Path(path)
+    tmp = temp_path(path)
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -155,7 +162,7 @@ def write_shard(path: str | os.PathLike, documents: list[np.ndarray], vocab_size
     arrow_type = pa.from_numpy_dtype(dtype)
     schema = pa.schema([pa.field(TOKENS_COLUMN, pa.list_(arrow_type))],
                        metadata={"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)})
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_path(path)
     num_tokens = 0
     with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
         for start in range(0, len(documents), batch_documents):
