@@ -32,7 +32,7 @@ import submitit
 # preemption, and what some clusters send alone.
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
 _received: str | None = None  # first stop signal this process got
-_agreed: str | None = None    # a stop signal some rank got, once StopRequest.any_rank() said so
+_agreed: str | None = None    # a stop signal some rank got, once StopRequest.agree() said so
 
 
 def _record(signum, frame) -> None:
@@ -55,7 +55,7 @@ class StopRequest:
 
     @property
     def signal(self) -> str | None:
-        """The stop signal this rank got, or the one another rank got once `any_rank()` returned True."""
+        """The stop signal this rank got, or the one another rank got once `agree()` returned True."""
         return _received or _agreed
 
     def votes(self) -> list[float]:
@@ -69,12 +69,6 @@ class StopRequest:
         if seen and not _agreed:
             _agreed = seen[0]
         return bool(seen)
-
-    def any_rank(self) -> bool:
-        """True on every rank if any rank received a stop signal (collective); all ranks learn which."""
-        from megatrain.parallel import all_reduce_sum
-
-        return self.agree(all_reduce_sum(self.votes()))
 
 
 def stop_signal() -> str | None:
@@ -146,10 +140,12 @@ def _job_state(job_id: str) -> str:
 
 def append_event(run_dir: Path, record: dict) -> None:
     """One line in RUN_DIR/events.jsonl (the trainer's logger is closed by now) and on stdout."""
+    from megatrain.sinks import event_line
+
     record = {"time": time.time(), **record}
     with open(Path(run_dir) / "events.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
-    print("[event] " + " ".join(f"{k}={v}" for k, v in record.items() if k != "time"), flush=True)
+    print(event_line(record), flush=True)
 
 
 def _wandb_note(run_dir: Path) -> None:

@@ -22,6 +22,11 @@ from pathlib import Path
 WANDB_PROBE_TIMEOUT_S = 3.0
 
 
+def event_line(record: dict) -> str:
+    """An events.jsonl record as one console line."""
+    return "[event] " + " ".join(f"{k}={v}" for k, v in record.items() if k != "time")
+
+
 class JsonlSink:
     def __init__(self, path: Path):
         self.file = open(path, "a", buffering=1)  # line-buffered: a crash loses at most one line
@@ -254,7 +259,7 @@ class MetricsLogger:
             return
         record = {"time": time.time(), **record}
         self.events.write(record)
-        self.console.print("[event] " + " ".join(f"{k}={v}" for k, v in record.items() if k != "time"))
+        self.console.print(event_line(record))
 
     def close(self) -> None:
         for sink in self.sinks + ([self.events] if self.events else []):
