@@ -174,7 +174,7 @@ class Trainer:
         batches = self.loader.next_step()
         metrics.begin_compute()
         skipped_before = engine.skipped_steps
-        loss_sum, nonfinite = 0.0, 0.0
+        loss_sum, nonfinite = torch.zeros((), dtype=torch.float64, device=self.device), 0.0
         for i, b in enumerate(batches):
             loss = engine(b.inputs, b.targets)
             if self.step + 1 in self.inject_nan and i == len(batches) - 1:
@@ -182,11 +182,12 @@ class Trainer:
                 if self.rank == 0:
                     loss = loss * float("nan")
             engine.backward(loss)
-            loss_sum += loss.detach().float().item()
+            loss_sum += loss.detach()  # stays on the device: one host sync per step, below
             if i == len(batches) - 1:
                 # one collective per step: the loss, whether any rank saw a non-finite loss, stop votes
+                local = loss_sum.item()
                 loss_sum, nonfinite, *votes = all_reduce_sum(
-                    [loss_sum, 0.0 if math.isfinite(loss_sum) else 1.0, *self.stop.votes()])
+                    [local, 0.0 if math.isfinite(local) else 1.0, *self.stop.votes()])
                 stop = self.stop.agree(votes)
                 if nonfinite and self.cfg.parallel.zero_stage == 0:
                     self.optimizer.skip_next = True  # ZeRO 1-3 discard non-finite steps by themselves
