@@ -11,7 +11,7 @@ export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint clean
+.PHONY: install demo test test-fast lint format clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,8 +34,14 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow and not slurm"
 
+LINTED := megatrain data_prep tests bench corpus
 lint: install
-	$(BIN)/ruff check megatrain data_prep tests bench
+	$(BIN)/ruff format --check $(LINTED)
+	$(BIN)/ruff check $(LINTED)
+
+format: install
+	$(BIN)/ruff format $(LINTED)
+	$(BIN)/ruff check --fix $(LINTED)
 
 clean:
 	rm -rf $(VENV) .cache data/demo runs/tiny-demo

@@ -19,11 +19,12 @@ so tokens/s is tokens/s per core. Measured, alternating, --repeats times each (m
 megatrain's ids are checked against HF's for every document (the run fails if any differs).
 Prints one JSON object (and writes it to --out if given).
 """
+
 from __future__ import annotations
 
 import os
 
-os.environ["RAYON_NUM_THREADS"] = "1"   # before tokenizers is imported: one core for everyone
+os.environ["RAYON_NUM_THREADS"] = "1"  # before tokenizers is imported: one core for everyone
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse  # noqa: E402
@@ -48,7 +49,11 @@ from megatrain.shards import token_dtype  # noqa: E402
 
 
 def corpus(mb: float) -> list[str]:
-    texts = [json.loads(line)["text"] for lang in ("en", "fr") for line in gzip.open(REPO / "corpus" / f"{lang}.jsonl.gz", "rt")]
+    texts = [
+        json.loads(line)["text"]
+        for lang in ("en", "fr")
+        for line in gzip.open(REPO / "corpus" / f"{lang}.jsonl.gz", "rt")
+    ]
     out, size = [], 0
     while size < mb * 1e6:
         for t in texts:
@@ -63,7 +68,10 @@ def bench_hf(tok, texts) -> tuple[float, int, list]:
     t = time.perf_counter()
     arrays = []
     for i in range(0, len(texts), 1000):
-        arrays += [np.asarray(e.ids, dtype=np.uint32) for e in tok.encode_batch(texts[i:i + 1000], add_special_tokens=False)]
+        arrays += [
+            np.asarray(e.ids, dtype=np.uint32)
+            for e in tok.encode_batch(texts[i : i + 1000], add_special_tokens=False)
+        ]
     seconds = time.perf_counter() - t
     return seconds, sum(map(len, arrays)), arrays
 
@@ -72,11 +80,20 @@ def bench_megatrain(tok, texts, tmp: Path, shard_tokens: int) -> tuple[float, in
     work = WorkDir(tmp / "mt")
     stages.remove_tree(work.out)
     work.make()
-    with pa.OSFile(str(work.unit(0, "docs.arrow")), "wb") as sink, pa.ipc.new_file(sink, stages.DOCS_SCHEMA) as w:
-        for i in range(0, len(texts), 1024):   # the unit file the scan stage would have written (not timed)
-            chunk = texts[i:i + 1024]
-            w.write_batch(pa.record_batch([pa.array(chunk, pa.large_string()), pa.array(["x"] * len(chunk))],
-                                          schema=stages.DOCS_SCHEMA))
+    with (
+        pa.OSFile(str(work.unit(0, "docs.arrow")), "wb") as sink,
+        pa.ipc.new_file(sink, stages.DOCS_SCHEMA) as w,
+    ):
+        for i in range(
+            0, len(texts), 1024
+        ):  # the unit file the scan stage would have written (not timed)
+            chunk = texts[i : i + 1024]
+            w.write_batch(
+                pa.record_batch(
+                    [pa.array(chunk, pa.large_string()), pa.array(["x"] * len(chunk))],
+                    schema=stages.DOCS_SCHEMA,
+                )
+            )
     dtype = token_dtype(tok.get_vocab_size())
     encoder = FastEncoder(tok, texts[:200])
     assert encoder.backend == "tiktoken", "tiktoken disagreed with HF on the sample"
@@ -95,8 +112,13 @@ def bench_datatrove(tokenizer_file: Path, texts, tmp: Path) -> tuple[float, int,
         return None
     out = tmp / "dt"
     stages.remove_tree(out)
-    step = DocumentTokenizer(str(out), tokenizer_name_or_path=str(tokenizer_file), eos_token=EOS,
-                             shuffle_documents=False, save_final_metadata=False)
+    step = DocumentTokenizer(
+        str(out),
+        tokenizer_name_or_path=str(tokenizer_file),
+        eos_token=EOS,
+        shuffle_documents=False,
+        save_final_metadata=False,
+    )
     docs = [Document(text=t, id=str(i)) for i, t in enumerate(texts)]
     t = time.perf_counter()
     result = step.run(iter(docs), rank=0, world_size=1)
@@ -140,18 +162,25 @@ def main() -> None:
 
         # the ids megatrain wrote, document by document, against HF's
         ds = _read_shards(mt_out, tok)
-        identical = len(ds) == len(reference) and all(np.array_equal(a[:-1], b) for a, b in zip(ds, reference))
+        identical = len(ds) == len(reference) and all(
+            np.array_equal(a[:-1], b) for a, b in zip(ds, reference)
+        )
         if not identical:
             raise SystemExit("megatrain's token ids differ from HF tokenizers'")
 
     rate = {k: tokens[k] / statistics.median(v) for k, v in times.items() if v}
     result = {
-        "corpus_mb": round(sum(len(t.encode()) for t in texts) / 1e6, 2), "documents": len(texts),
-        "vocab_size": tok.get_vocab_size(), "threads": 1, "repeats": args.repeats,
+        "corpus_mb": round(sum(len(t.encode()) for t in texts) / 1e6, 2),
+        "documents": len(texts),
+        "vocab_size": tok.get_vocab_size(),
+        "threads": 1,
+        "repeats": args.repeats,
         "tokens": tokens["hf_encode_batch"],
         **{f"{k}_tokens_per_s": round(v) for k, v in rate.items()},
         "megatrain_vs_hf_encode_batch": round(rate["megatrain"] / rate["hf_encode_batch"], 2),
-        "megatrain_vs_datatrove": round(rate["megatrain"] / rate["datatrove"], 2) if "datatrove" in rate else None,
+        "megatrain_vs_datatrove": round(rate["megatrain"] / rate["datatrove"], 2)
+        if "datatrove" in rate
+        else None,
         "ids_identical_to_hf": identical,
         "seconds": {k: [round(x, 3) for x in v] for k, v in times.items()},
     }
@@ -167,11 +196,17 @@ def prep_end_to_end(texts, tok_file: Path, tmp: Path) -> tuple[float, int]:
     raw, recipe = tmp / "raw.jsonl", tmp / "recipe.yaml"
     if not raw.exists():
         raw.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-        recipe.write_text("dedup: {exact: false}\n")   # the text is the corpus repeated: keep every copy
+        recipe.write_text(
+            "dedup: {exact: false}\n"
+        )  # the text is the corpus repeated: keep every copy
     stages.remove_tree(tmp / "prep")
     t = time.perf_counter()
-    report = run_prep(PrepOptions(inputs=[str(raw)], out=str(tmp / "prep"), tokenizer=str(tok_file),
-                                  recipe=str(recipe)), log=lambda *_: None)
+    report = run_prep(
+        PrepOptions(
+            inputs=[str(raw)], out=str(tmp / "prep"), tokenizer=str(tok_file), recipe=str(recipe)
+        ),
+        log=lambda *_: None,
+    )
     return time.perf_counter() - t, report["tokens"]
 
 
@@ -180,7 +215,9 @@ def _read_shards(directory: Path, tok) -> list[np.ndarray]:
     for shard in sorted(directory.glob("shard-*.arrow")):
         reader = pa.ipc.open_file(pa.memory_map(str(shard), "r"))
         for i in range(reader.num_record_batches):
-            out += [np.asarray(x) for x in reader.get_batch(i).column(0).to_numpy(zero_copy_only=False)]
+            out += [
+                np.asarray(x) for x in reader.get_batch(i).column(0).to_numpy(zero_copy_only=False)
+            ]
     return out
 
 

@@ -14,6 +14,7 @@ peak memory for each, and megatrain / reference. Run on a GPU node, e.g.:
 
 (`--device cpu --model tiny` runs it anywhere, for a smoke check.)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,7 +36,9 @@ def parse_args():
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--micro-batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=30, help="timed steps")
-    p.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation, allocator)")
+    p.add_argument(
+        "--warmup", type=int, default=10, help="untimed steps first (compilation, allocator)"
+    )
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--zero-stage", type=int, default=0)
     p.add_argument("--no-compile", action="store_true", help="run both sides eagerly")
@@ -60,13 +63,17 @@ def timed(step_fn, args, device) -> dict:
         step_fn()
     synchronize(device)
     seconds = (time.perf_counter() - t0) / args.steps
-    return {"step_ms": 1000 * seconds,
-            "mem_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
+    return {
+        "step_ms": 1000 * seconds,
+        "mem_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+    }
 
 
 def batches(cfg, args, device):
     g = torch.Generator(device="cpu").manual_seed(0)
-    data = torch.randint(0, cfg.model.vocab_size, (8, args.micro_batch, args.seq_len + 1), generator=g)
+    data = torch.randint(
+        0, cfg.model.vocab_size, (8, args.micro_batch, args.seq_len + 1), generator=g
+    )
     data = data.to(device)
     i = 0
     while True:
@@ -80,7 +87,9 @@ def run_megatrain(cfg, args, device) -> dict:
 
     init_distributed(DistEnv())
     torch.manual_seed(0)
-    engine, _ = build_engine(Transformer(cfg.model, args.seq_len), cfg, resolve_batch(cfg, 1), device)
+    engine, _ = build_engine(
+        Transformer(cfg.model, args.seq_len), cfg, resolve_batch(cfg, 1), device
+    )
     data = batches(cfg, args, device)
 
     def step():
@@ -94,8 +103,13 @@ def run_megatrain(cfg, args, device) -> dict:
 def run_reference(cfg, args, device) -> dict:
     torch.manual_seed(0)
     model = Transformer(cfg.model, args.seq_len).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
-                                  fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=1e-4,
+        betas=(0.9, 0.95),
+        weight_decay=0.1,
+        fused=device.type == "cuda",
+    )
     forward = model if args.no_compile else torch.compile(model)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
     scaler = torch.amp.GradScaler(enabled=args.precision == "fp16")
@@ -119,10 +133,20 @@ def main():
     args = parse_args()
     os.environ.setdefault("MASTER_PORT", "29555")
     device = torch.device(args.device)
-    cfg = load_config(None, [f"model.preset={args.model}", "data.sources.0.path=unused", f"data.seq_len={args.seq_len}",
-                             f"batch.micro_batch={args.micro_batch}", "batch.grad_accum=1", "run.max_steps=1",
-                             f"precision={args.precision}", f"parallel.zero_stage={args.zero_stage}",
-                             f"run.compile={'false' if args.no_compile or device.type == 'cpu' else 'true'}"])
+    cfg = load_config(
+        None,
+        [
+            f"model.preset={args.model}",
+            "data.sources.0.path=unused",
+            f"data.seq_len={args.seq_len}",
+            f"batch.micro_batch={args.micro_batch}",
+            "batch.grad_accum=1",
+            "run.max_steps=1",
+            f"precision={args.precision}",
+            f"parallel.zero_stage={args.zero_stage}",
+            f"run.compile={'false' if args.no_compile or device.type == 'cpu' else 'true'}",
+        ],
+    )
     cfg.model.vocab_size = cfg.model.vocab_size or 32000  # presets without one (tiny)
     if cfg.model.vocab_size % 64:  # pad like a tokenizer-derived vocabulary would be
         cfg.model.vocab_size += 64 - cfg.model.vocab_size % 64
@@ -130,10 +154,18 @@ def main():
     flops = flops_per_token(cfg.model, args.seq_len)
     accel = hardware.detect_accelerator()
     peak = hardware.peak_flops(accel, args.precision)
-    result = {"model": args.model, "params": count_params(cfg.model, args.seq_len)["params"],
-              "device": accel.name, "precision": args.precision, "seq_len": args.seq_len,
-              "micro_batch": args.micro_batch, "zero_stage": args.zero_stage, "compile": not args.no_compile,
-              "flops_per_token": flops, "peak_tflops": peak / 1e12}
+    result = {
+        "model": args.model,
+        "params": count_params(cfg.model, args.seq_len)["params"],
+        "device": accel.name,
+        "precision": args.precision,
+        "seq_len": args.seq_len,
+        "micro_batch": args.micro_batch,
+        "zero_stage": args.zero_stage,
+        "compile": not args.no_compile,
+        "flops_per_token": flops,
+        "peak_tflops": peak / 1e12,
+    }
     sides = [args.only] if args.only else ["megatrain", "reference"]
     for side in sides:
         r = (run_megatrain if side == "megatrain" else run_reference)(cfg, args, device)

@@ -172,8 +172,26 @@ SOURCES = [
         (),
         ".fr.html",
     ),
-    ("debian-faq", "11.1", "en", "debian-faq", "usr/share/doc/debian/FAQ", "*.en.html", (), ".en.html"),
-    ("debian-faq-fr", "11.1", "fr", "debian-faq", "usr/share/doc/debian/FAQ/fr", "*.fr.html", (), ".fr.html"),
+    (
+        "debian-faq",
+        "11.1",
+        "en",
+        "debian-faq",
+        "usr/share/doc/debian/FAQ",
+        "*.en.html",
+        (),
+        ".en.html",
+    ),
+    (
+        "debian-faq-fr",
+        "11.1",
+        "fr",
+        "debian-faq",
+        "usr/share/doc/debian/FAQ/fr",
+        "*.fr.html",
+        (),
+        ".fr.html",
+    ),
     (
         "installation-guide-amd64",
         "20230508+deb12u1",
@@ -405,7 +423,12 @@ class TextExtractor(html.parser.HTMLParser):
         if tag in HEADINGS and self.admon == 0:
             self.heading = (HEADINGS[tag], el_id or self.pending_anchor)
             self.pending_anchor = None
-        elif tag == "a" and (el_id or a.get("name")) and self.heading is not None and self.heading[1] is None:
+        elif (
+            tag == "a"
+            and (el_id or a.get("name"))
+            and self.heading is not None
+            and self.heading[1] is None
+        ):
             self.heading = (self.heading[0], el_id or a.get("name"))
         if tag == "li":
             self.prefix = "- "
@@ -639,7 +662,9 @@ def write_jsonl_gz(path: Path, docs: list[dict]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--debs", type=Path, required=True, help="directory holding the downloaded .deb files")
+    ap.add_argument(
+        "--debs", type=Path, required=True, help="directory holding the downloaded .deb files"
+    )
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
     ap.add_argument("--allow-other-versions", action="store_true")
     args = ap.parse_args()

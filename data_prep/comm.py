@@ -12,6 +12,7 @@ named by call number, so a restarted rank (a requeued array task) replays the ca
 already made and meets the others where they are. A failing rank writes an `abort` file;
 the others stop waiting and fail with its message instead of hanging.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,7 +30,10 @@ class CommAborted(Exception):
 
 def detect_launcher(environ=os.environ) -> str:
     """`mpi`, `array`, `srun` or `local`, from the environment the launcher left."""
-    if any(k in environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "PMI_RANK", "MPI_LOCALNRANKS")):
+    if any(
+        k in environ
+        for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "PMI_RANK", "MPI_LOCALNRANKS")
+    ):
         return "mpi"
     if "SLURM_ARRAY_TASK_ID" in environ:
         return "array"
@@ -97,13 +101,22 @@ class MPIComm:
 class FileComm:
     """Collectives through files in `directory` (shared by all ranks of this run)."""
 
-    def __init__(self, directory: str | os.PathLike, rank: int, size: int, poll_s: float = 0.02,
-                 timeout_s: float = 7 * 24 * 3600, log=print, alive=None, kind: str = "processes"):
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        rank: int,
+        size: int,
+        poll_s: float = 0.02,
+        timeout_s: float = 7 * 24 * 3600,
+        log=print,
+        alive=None,
+        kind: str = "processes",
+    ):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.rank, self.size = rank, size
         self.poll_s, self.timeout_s, self.log = poll_s, timeout_s, log
-        self.alive = alive   # optional callable raising if a helper process died
+        self.alive = alive  # optional callable raising if a helper process died
         self.calls = 0
         self.kind = kind
         # A heartbeat per rank, so that the others notice a rank killed without a word (OOM, node
@@ -122,15 +135,17 @@ class FileComm:
     def _check_stale(self, missing: list[str]) -> None:
         now = time.time()
         for name in missing:
-            rank = name.split(".")[1]   # "00007-ag.<rank>", "00007-a2a.<from>.<to>", "exit.<rank>"
+            rank = name.split(".")[1]  # "00007-ag.<rank>", "00007-a2a.<from>.<to>", "exit.<rank>"
             beat = self.dir / f"alive.{rank}"
             try:
                 age = now - beat.stat().st_mtime
             except OSError:
-                continue   # not started yet (a pending array task): keep waiting
+                continue  # not started yet (a pending array task): keep waiting
             if age > self.stale_s:
-                raise CommAborted(f"rank {rank} stopped without a word (no heartbeat for {age:.0f} s); rerun the "
-                                  "same command to resume")
+                raise CommAborted(
+                    f"rank {rank} stopped without a word (no heartbeat for {age:.0f} s); rerun the "
+                    "same command to resume"
+                )
 
     def _write(self, name: str, obj) -> None:
         tmp = temp_path(self.dir / name)
@@ -152,10 +167,14 @@ class FileComm:
             self._check_stale(missing)
             now = time.monotonic()
             if now - start > self.timeout_s:
-                raise TimeoutError(f"rank {self.rank}: gave up waiting for {what} ({missing[:3]}...)")
+                raise TimeoutError(
+                    f"rank {self.rank}: gave up waiting for {what} ({missing[:3]}...)"
+                )
             if now - last_note > 300:
-                self.log(f"rank {self.rank}: waiting for {len(missing)} rank(s) at {what} (e.g. {missing[0]}); "
-                         "all ranks of a prep must run at the same time")
+                self.log(
+                    f"rank {self.rank}: waiting for {len(missing)} rank(s) at {what} (e.g. {missing[0]}); "
+                    "all ranks of a prep must run at the same time"
+                )
                 last_note = now
             time.sleep(delay)
             delay = min(delay * 1.5, 1.0)

@@ -178,7 +178,9 @@ class MinHasher:
         words = _WORD_RE.findall(text.casefold())
         # xxh3 once per word, then the n-gram hash combines word hashes with numpy:
         # g = mix(...mix(mix(h[i]) ^ h[i+1])... ^ h[i+n-1]), a chain of bijective mixes.
-        h = np.fromiter((xxhash.xxh3_64_intdigest(w.encode()) for w in words), np.uint64, len(words))
+        h = np.fromiter(
+            (xxhash.xxh3_64_intdigest(w.encode()) for w in words), np.uint64, len(words)
+        )
         n = min(self.config.shingle_size, len(h))
         if n == 0:
             return h
@@ -214,7 +216,9 @@ class MinHasher:
         """
         cfg = self.config
         if signatures.shape[1:] != (cfg.num_perm,):
-            raise ValueError(f"signatures must have shape (n, {cfg.num_perm}), got {signatures.shape}")
+            raise ValueError(
+                f"signatures must have shape (n, {cfg.num_perm}), got {signatures.shape}"
+            )
         bands = signatures.reshape(len(signatures), cfg.bands, cfg.rows).astype(np.uint64)
         keys = np.full(bands.shape[:2], cfg.rows, dtype=np.uint64)
         with np.errstate(over="ignore"):

@@ -192,9 +192,13 @@ class QualityFilter(DocFilter):
             return "quality:symbol_word_ratio"
         lines = [line.strip() for line in text.split("\n")]
         lines = [line for line in lines if line]
-        if sum(line.startswith(_BULLETS) for line in lines) > self.max_bullet_lines_fraction * len(lines):
+        if sum(line.startswith(_BULLETS) for line in lines) > self.max_bullet_lines_fraction * len(
+            lines
+        ):
             return "quality:bullet_lines"
-        if sum(line.endswith(_ELLIPSES) for line in lines) > self.max_ellipsis_lines_fraction * len(lines):
+        if sum(line.endswith(_ELLIPSES) for line in lines) > self.max_ellipsis_lines_fraction * len(
+            lines
+        ):
             return "quality:ellipsis_lines"
         tokens = text.split()
         n_alpha = sum(1 for token in tokens if _LETTER_RE.search(token))
@@ -270,7 +274,9 @@ class RepetitionFilter(DocFilter):
 
     def __post_init__(self) -> None:  # YAML gives lists of lists
         for attr in ("max_top_ngram_char_fraction", "max_dup_ngram_char_fraction"):
-            object.__setattr__(self, attr, tuple((int(n), float(f)) for n, f in getattr(self, attr)))
+            object.__setattr__(
+                self, attr, tuple((int(n), float(f)) for n, f in getattr(self, attr))
+            )
 
     def check(self, doc: Any) -> str | None:
         text = _text_of(doc)
@@ -303,7 +309,9 @@ class RepetitionFilter(DocFilter):
         # Exact n-gram ids without hashing: a word gets a dense id; an n-gram is the pair
         # ((n-1)-gram id, id of its last word), which np.unique turns into a dense id again.
         vocab: dict[str, int] = {}
-        ids = np.fromiter((vocab.setdefault(w, len(vocab)) for w in words), dtype=np.int64, count=len(words))
+        ids = np.fromiter(
+            (vocab.setdefault(w, len(vocab)) for w in words), dtype=np.int64, count=len(words)
+        )
         gram_ids = ids
         for n in range(2, min(max_n, len(words)) + 1):
             pairs = gram_ids[:-1] * len(vocab) + ids[n - 1 :]
@@ -317,7 +325,10 @@ class RepetitionFilter(DocFilter):
                         return f"repetition:top_{n}gram"
             if n in dup_limits:
                 repeats = np.flatnonzero(first_index[gram_ids] != np.arange(len(gram_ids)))
-                if len(repeats) and _covered_chars(repeats, n, word_lengths) > dup_limits[n] * total_chars:
+                if (
+                    len(repeats)
+                    and _covered_chars(repeats, n, word_lengths) > dup_limits[n] * total_chars
+                ):
                     return f"repetition:dup_{n}gram"
         return None
 
@@ -332,7 +343,11 @@ def _lingua_detector(candidates: tuple[str, ...]) -> Any:
     from lingua import IsoCode639_1, LanguageDetectorBuilder  # heavy (~96 MB of models): lazy
 
     codes = [getattr(IsoCode639_1, code.upper()) for code in candidates]
-    return LanguageDetectorBuilder.from_iso_codes_639_1(*codes).with_preloaded_language_models().build()
+    return (
+        LanguageDetectorBuilder.from_iso_codes_639_1(*codes)
+        .with_preloaded_language_models()
+        .build()
+    )
 
 
 @dataclass
@@ -364,7 +379,9 @@ class LanguageFilter(DocFilter):
 
     def detect(self, text: str) -> tuple[str, float]:
         """(ISO 639-1 code, confidence) of the most likely candidate; ("unknown", 0.0) if none."""
-        confidences = self._detector.compute_language_confidence_values(text[: self.detect_on_chars])
+        confidences = self._detector.compute_language_confidence_values(
+            text[: self.detect_on_chars]
+        )
         if not confidences or confidences[0].value == 0.0:  # no letters at all
             return "unknown", 0.0
         top = confidences[0]

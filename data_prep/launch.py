@@ -12,6 +12,7 @@
 Rank 0 of a local or MPI run holds OUT/.prep.lock exclusively; the tasks of an array or srun
 step share it (they are one run), which still keeps any other local or MPI run out.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -35,24 +36,38 @@ def run_prep(opts: PrepOptions, log=print) -> dict:
     """Run (this rank of) a prep and return the report (the same dict as DIR/report.json)."""
     launcher = detect_launcher()
     if launcher != "local" and opts.workers > 1:
-        raise PrepError(f"--workers {opts.workers} is for a single process; under {launcher} the ranks are "
-                        "the workers (drop --workers)")
+        raise PrepError(
+            f"--workers {opts.workers} is for a single process; under {launcher} the ranks are "
+            "the workers (drop --workers)"
+        )
     if launcher == "local":
         return _run_local(opts, log)
     if launcher == "mpi":
         comm = MPIComm()
-        lock = _shared_lock_error(comm, lambda: acquire_lock(Path(opts.out)) if comm.rank == 0 else None)
+        lock = _shared_lock_error(
+            comm, lambda: acquire_lock(Path(opts.out)) if comm.rank == 0 else None
+        )
     else:
         env = os.environ
         if launcher == "array":
             first = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
-            size = int(env.get("SLURM_ARRAY_TASK_COUNT") or int(env["SLURM_ARRAY_TASK_MAX"]) - first + 1)
-            rank, session = int(env["SLURM_ARRAY_TASK_ID"]) - first, f"array-{env['SLURM_ARRAY_JOB_ID']}"
+            size = int(
+                env.get("SLURM_ARRAY_TASK_COUNT") or int(env["SLURM_ARRAY_TASK_MAX"]) - first + 1
+            )
+            rank, session = (
+                int(env["SLURM_ARRAY_TASK_ID"]) - first,
+                f"array-{env['SLURM_ARRAY_JOB_ID']}",
+            )
         else:
             rank, size = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
             session = f"step-{env['SLURM_JOB_ID']}.{env['SLURM_STEP_ID']}"
-        comm = FileComm(WorkDir(opts.out).sync(session), rank, size, log=log,
-                        kind="Slurm array tasks" if launcher == "array" else "srun tasks")
+        comm = FileComm(
+            WorkDir(opts.out).sync(session),
+            rank,
+            size,
+            log=log,
+            kind="Slurm array tasks" if launcher == "array" else "srun tasks",
+        )
         lock = acquire_lock(Path(opts.out), shared=True)
     try:
         return _run_ranks(opts, comm, log)
@@ -80,7 +95,7 @@ def _run_ranks(opts: PrepOptions, comm, log) -> dict:
     except CommAborted as e:
         raise PrepError(f"another rank failed: {e}") from None
     except Exception as e:
-        if not getattr(e, "shared", False):   # the others do not know: stop them
+        if not getattr(e, "shared", False):  # the others do not know: stop them
             comm.abort(f"{type(e).__name__}: {e}")
         raise
     _finish(comm, opts)
@@ -110,7 +125,7 @@ def _quiet(*_):
 def _die_with_parent() -> None:
     """In the child, before exec: SIGKILL me when my parent dies (Linux), so kill -9 stops the whole run."""
     try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except OSError:
         pass
 
@@ -128,16 +143,33 @@ def _run_local(opts: PrepOptions, log) -> dict:
         session = f"local-{uuid.uuid4().hex[:12]}"
         payload = json.dumps(asdict(opts))
         for rank in range(1, opts.workers):
-            children.append(subprocess.Popen(
-                [sys.executable, "-m", "data_prep.launch", str(rank), str(opts.workers), session, payload],
-                pass_fds=(lock,), preexec_fn=_die_with_parent, env={**os.environ, "RAYON_NUM_THREADS": "1"}))
+            children.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "data_prep.launch",
+                        str(rank),
+                        str(opts.workers),
+                        session,
+                        payload,
+                    ],
+                    pass_fds=(lock,),
+                    preexec_fn=_die_with_parent,
+                    env={**os.environ, "RAYON_NUM_THREADS": "1"},
+                )
+            )
 
         def alive():
             for rank, child in enumerate(children, start=1):
                 if child.poll() not in (None, 0):
-                    raise PrepError(f"worker {rank} failed (exit code {child.returncode}); see its error above")
+                    raise PrepError(
+                        f"worker {rank} failed (exit code {child.returncode}); see its error above"
+                    )
 
-        comm = FileComm(WorkDir(out).sync(session), 0, opts.workers, log=log, alive=alive, kind="local workers")
+        comm = FileComm(
+            WorkDir(out).sync(session), 0, opts.workers, log=log, alive=alive, kind="local workers"
+        )
         report = _run_ranks(opts, comm, log)
         for rank, child in enumerate(children, start=1):
             if child.wait() != 0:
@@ -158,7 +190,9 @@ def _worker_main(argv: list[str]) -> int:
     try:
         _run_ranks(opts, comm, _quiet)
     except Exception as e:
-        print(f"megatrain prep: worker {rank}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        print(
+            f"megatrain prep: worker {rank}: {type(e).__name__}: {e}", file=sys.stderr, flush=True
+        )
         return 1
     return 0
 

@@ -10,6 +10,7 @@ Each unit's results are committed by a marker, so a rerun of the same command af
 (kill -9 included) skips what was done and ends with the same bytes as an uninterrupted run,
 and so does a run with any other number of workers. See data_prep.workdir for the files.
 """
+
 from __future__ import annotations
 
 import json
@@ -56,12 +57,14 @@ class PrepOptions:
 def resolve_recipe(opts: PrepOptions) -> Recipe:
     """The recipe file (or the default one) with the command-line flags applied on top."""
     recipe = load_recipe(opts.recipe)
-    for value, section, key in [(opts.vocab_size, recipe.tokenizer, "vocab_size"),
-                                (opts.tokenizer, recipe.tokenizer, "path"),
-                                (opts.tokenizer_sample_chars, recipe.tokenizer, "sample_chars"),
-                                (opts.text_field, recipe.read, "text_field"),
-                                (opts.shard_tokens, recipe.output, "shard_tokens"),
-                                (opts.seed, recipe, "seed")]:
+    for value, section, key in [
+        (opts.vocab_size, recipe.tokenizer, "vocab_size"),
+        (opts.tokenizer, recipe.tokenizer, "path"),
+        (opts.tokenizer_sample_chars, recipe.tokenizer, "sample_chars"),
+        (opts.text_field, recipe.read, "text_field"),
+        (opts.shard_tokens, recipe.output, "shard_tokens"),
+        (opts.seed, recipe, "seed"),
+    ]:
         if value is not None:
             setattr(section, key, value)
     return recipe
@@ -73,8 +76,17 @@ def _fingerprint(recipe: Recipe, files: list[Path]) -> dict:
     if recipe.tokenizer.path:
         rec["tokenizer"]["path"] = sha256_file(recipe.tokenizer.path)
     rec.pop("report")
-    return json.loads(json.dumps({"inputs": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files],
-                                  "recipe": rec, "format": "megatrain-prep-1"}))
+    return json.loads(
+        json.dumps(
+            {
+                "inputs": [
+                    [str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files
+                ],
+                "recipe": rec,
+                "format": "megatrain-prep-1",
+            }
+        )
+    )
 
 
 def assign_units(units: list[Unit], size: int) -> list[list[int]]:
@@ -88,7 +100,12 @@ def assign_units(units: list[Unit], size: int) -> list[list[int]]:
 
 
 def _clear_outputs(out: Path) -> None:
-    for p in [*out.glob("shard-*.arrow"), out / MANIFEST_FILE, out / "tokenizer.json", out / "report.json"]:
+    for p in [
+        *out.glob("shard-*.arrow"),
+        out / MANIFEST_FILE,
+        out / "tokenizer.json",
+        out / "report.json",
+    ]:
         p.unlink(missing_ok=True)
     stages.remove_tree(out / "rejects")
 
@@ -100,21 +117,27 @@ def _setup(opts: PrepOptions, recipe: Recipe, work: WorkDir, log) -> dict:
     """Decide what this run does: {"done": report} or {"plan": ...}; raises on a fatal problem."""
     files = expand_inputs(opts.inputs)
     if recipe.tokenizer.path:
-        load_tokenizer(recipe.tokenizer.path)   # fail now, not after hours of filtering
+        load_tokenizer(recipe.tokenizer.path)  # fail now, not after hours of filtering
     fingerprint = _fingerprint(recipe, files)
     out = work.out
     if (out / MANIFEST_FILE).exists() and not opts.force:
         done = Manifest.read(out)
         if done.extra.get("fingerprint") == fingerprint:
-            log(f"{out} is already prepared from these inputs ({done.num_tokens:,} tokens); nothing to do")
+            log(
+                f"{out} is already prepared from these inputs ({done.num_tokens:,} tokens); nothing to do"
+            )
             return {"done": json.loads((out / "report.json").read_text())}
-        raise PrepError(f"{out} holds a dataset prepared from other inputs or options; choose another --out "
-                        "or pass --force to replace it")
+        raise PrepError(
+            f"{out} holds a dataset prepared from other inputs or options; choose another --out "
+            "or pass --force to replace it"
+        )
     if work.plan.exists() and not opts.force:
         plan = read_json(work.plan)
         if plan["fingerprint"] != fingerprint:
-            raise PrepError(f"{out} holds an unfinished prep of other inputs or options; rerun that command to "
-                            "finish it, choose another --out, or pass --force to start over")
+            raise PrepError(
+                f"{out} holds an unfinished prep of other inputs or options; rerun that command to "
+                "finish it, choose another --out, or pass --force to start over"
+            )
         log(f"resuming the unfinished prep in {out}")
         return {"plan": plan}
     if opts.force:
@@ -122,10 +145,14 @@ def _setup(opts: PrepOptions, recipe: Recipe, work: WorkDir, log) -> dict:
     _clear_outputs(out)
     work.make()
     units = plan_units(files, int(recipe.read.unit_mb * 2**20))
-    plan = {"fingerprint": fingerprint, "units": [u.as_dict() for u in units], "recipe": recipe.as_dict(),
-            "bytes_in": sum(f.stat().st_size for f in files)}
+    plan = {
+        "fingerprint": fingerprint,
+        "units": [u.as_dict() for u in units],
+        "recipe": recipe.as_dict(),
+        "bytes_in": sum(f.stat().st_size for f in files),
+    }
     write_json(work.plan, plan)
-    return {"plan": read_json(work.plan)}   # as a resumed run will see it (key order included)
+    return {"plan": read_json(work.plan)}  # as a resumed run will see it (key order included)
 
 
 # ----------------------------------------------------------------------------- the run, on every rank
@@ -169,7 +196,9 @@ def _run(opts: PrepOptions, comm, log) -> dict:
     units = [Unit(**u) for u in plan["units"]]
     mine = assign_units(units, comm.size)[comm.rank]
     progress_dir = work.root / "progress"
-    quiet(f"prep: {len(units)} unit(s) of work from {plan['bytes_in'] / 1e6:,.1f} MB on {comm.size} worker(s) ({comm.kind})")
+    quiet(
+        f"prep: {len(units)} unit(s) of work from {plan['bytes_in'] / 1e6:,.1f} MB on {comm.size} worker(s) ({comm.kind})"
+    )
 
     # -- scan: read, normalize, filter
     t = time.perf_counter()
@@ -177,7 +206,9 @@ def _run(opts: PrepOptions, comm, log) -> dict:
     progress = Progress(progress_dir, "scan", comm.rank, comm.size, len(units), comm.rank == 0, log)
     kept = {}
     for u in mine:
-        stats = stages.unit_done(work, u, "scan") or stages.scan_unit(units[u], recipe, filters, hasher, work, progress)
+        stats = stages.unit_done(work, u, "scan") or stages.scan_unit(
+            units[u], recipe, filters, hasher, work, progress
+        )
         kept[u] = stats["kept"]
         progress.add(units=1)
     kept = {u: n for part in comm.allgather(kept) for u, n in part.items()}
@@ -186,10 +217,14 @@ def _run(opts: PrepOptions, comm, log) -> dict:
     offsets = np.concatenate([[0], np.cumsum(counts)])
     seconds["scan"] = time.perf_counter() - t
     if offsets[-1] == 0:
-        _collective(comm, lambda: _final_report(work, plan, units, recipe, {}, 0, 0, 0, seconds, "-", quiet))
-        error = PrepError(f"no documents left in {', '.join(opts.inputs)} after reading and filtering; see "
-                          f"{work.out / 'report.json'} and {work.out / 'rejects'} for why")
-        error.shared = True   # every rank saw the same counts
+        _collective(
+            comm, lambda: _final_report(work, plan, units, recipe, {}, 0, 0, 0, seconds, "-", quiet)
+        )
+        error = PrepError(
+            f"no documents left in {', '.join(opts.inputs)} after reading and filtering; see "
+            f"{work.out / 'report.json'} and {work.out / 'rejects'} for why"
+        )
+        error.shared = True  # every rank saw the same counts
         raise error
 
     # -- global dedup
@@ -201,7 +236,9 @@ def _run(opts: PrepOptions, comm, log) -> dict:
         dedup = {k: z[k] for k in z.files}
     dropped = np.union1d(dedup["exact_drop"], dedup["near_drop"])
     seconds["dedup"] = time.perf_counter() - t
-    quiet(f"dedup: {len(dedup['exact_drop']):,} exact and {len(dedup['near_drop']):,} near duplicates removed")
+    quiet(
+        f"dedup: {len(dedup['exact_drop']):,} exact and {len(dedup['near_drop']):,} near duplicates removed"
+    )
 
     # -- tokenizer: train on a sample of what is left, or load; rank 0 picks the encoder for all
     t = time.perf_counter()
@@ -213,7 +250,9 @@ def _run(opts: PrepOptions, comm, log) -> dict:
 
     # -- tokenize
     t = time.perf_counter()
-    progress = Progress(progress_dir, "tokenize", comm.rank, comm.size, len(units), comm.rank == 0, log)
+    progress = Progress(
+        progress_dir, "tokenize", comm.rank, comm.size, len(units), comm.rank == 0, log
+    )
     for u in mine:
         if not stages.unit_done(work, u, "tok"):
             stages.tokenize_unit(u, int(offsets[u]), dropped, encoder, dtype, work, progress)
@@ -225,22 +264,43 @@ def _run(opts: PrepOptions, comm, log) -> dict:
     # -- write shards
     t = time.perf_counter()
     layout = stages.shard_layout(work, list(range(len(units))), recipe.output.shard_tokens)
-    infos = {p.index: asdict(stages.write_layout_shard(p, work, tok.get_vocab_size(), dtype))
-             for p in layout if p.index % comm.size == comm.rank}
+    infos = {
+        p.index: asdict(stages.write_layout_shard(p, work, tok.get_vocab_size(), dtype))
+        for p in layout
+        if p.index % comm.size == comm.rank
+    }
     infos = {i: info for part in comm.allgather(infos) for i, info in part.items()}
     shards = [ShardInfo(**infos[i]) for i in range(len(layout))]
     seconds["write"] = time.perf_counter() - t
 
     def finish():
-        report = _final_report(work, plan, units, recipe, dedup, sum(s.num_tokens for s in shards),
-                               sum(s.num_documents for s in shards), len(shards), seconds, encoder.backend, quiet,
-                               workers=comm.size)
+        report = _final_report(
+            work,
+            plan,
+            units,
+            recipe,
+            dedup,
+            sum(s.num_tokens for s in shards),
+            sum(s.num_documents for s in shards),
+            len(shards),
+            seconds,
+            encoder.backend,
+            quiet,
+            workers=comm.size,
+        )
         crash_point("manifest")
         tok_path = work.out / "tokenizer.json"
-        Manifest(vocab_size=tok.get_vocab_size(), eos_id=tok.token_to_id(EOS), tokenizer_file=tok_path.name,
-                 tokenizer_sha256=sha256_file(tok_path), shards=shards,
-                 extra={"fingerprint": plan["fingerprint"], "created_by": f"megatrain {megatrain.__version__}"}
-                 ).write(work.out)
+        Manifest(
+            vocab_size=tok.get_vocab_size(),
+            eos_id=tok.token_to_id(EOS),
+            tokenizer_file=tok_path.name,
+            tokenizer_sha256=sha256_file(tok_path),
+            shards=shards,
+            extra={
+                "fingerprint": plan["fingerprint"],
+                "created_by": f"megatrain {megatrain.__version__}",
+            },
+        ).write(work.out)
         return report
 
     return _collective(comm, finish)
@@ -255,14 +315,21 @@ def _dedup(comm, recipe: Recipe, work: WorkDir, mine: list[int], offsets: np.nda
         exact_drop, exact_of = exact_duplicates(comm, [(keys[u]["hashes"], gids[u]) for u in mine])
     near_drop, near_of = empty, empty
     if recipe.dedup.near.enabled:
-        local = [(keys[u]["bands"][keys[u]["has_shingles"]], gids[u][keys[u]["has_shingles"]]) for u in mine]
+        local = [
+            (keys[u]["bands"][keys[u]["has_shingles"]], gids[u][keys[u]["has_shingles"]])
+            for u in mine
+        ]
         near_drop, near_of = near_duplicates(comm, local, recipe.dedup.near.bands)
         not_exact = ~np.isin(near_drop, exact_drop)
         near_drop, near_of = near_drop[not_exact], near_of[not_exact]
     if comm.rank == 0:
         tmp = temp_path(work.dedup)
-        with open(tmp, "wb") as f:  # a file object: given a path, np.savez would append ".npz" to it
-            np.savez(f, exact_drop=exact_drop, exact_of=exact_of, near_drop=near_drop, near_of=near_of)
+        with open(
+            tmp, "wb"
+        ) as f:  # a file object: given a path, np.savez would append ".npz" to it
+            np.savez(
+                f, exact_drop=exact_drop, exact_of=exact_of, near_drop=near_drop, near_of=near_of
+            )
         commit(tmp, work.dedup)
 
 
@@ -277,16 +344,29 @@ def _tokenizer(recipe: Recipe, work: WorkDir, units: list[Unit], offsets, droppe
     elif not done.exists():
         chars = sum(int(stages.read_keys(work, u.index)["chars"].sum()) for u in units)
         t = time.perf_counter()
-        sample = stages.sample_texts(work, [u.index for u in units], offsets, dropped,
-                                     recipe.tokenizer.sample_chars, chars, recipe.seed)
-        tok = train_bpe(sample, recipe.tokenizer.vocab_size, tuple(recipe.tokenizer.special_tokens),
-                        recipe.tokenizer.min_frequency)
+        sample = stages.sample_texts(
+            work,
+            [u.index for u in units],
+            offsets,
+            dropped,
+            recipe.tokenizer.sample_chars,
+            chars,
+            recipe.seed,
+        )
+        tok = train_bpe(
+            sample,
+            recipe.tokenizer.vocab_size,
+            tuple(recipe.tokenizer.special_tokens),
+            recipe.tokenizer.min_frequency,
+        )
         tok.save(str(work.root / "tokenizer.tmp"))
         os.replace(work.root / "tokenizer.tmp", target)
         done.touch()
-        log(f"trained a byte-level BPE of {tok.get_vocab_size():,} tokens in {time.perf_counter() - t:.1f} s")
+        log(
+            f"trained a byte-level BPE of {tok.get_vocab_size():,} tokens in {time.perf_counter() - t:.1f} s"
+        )
     tok = load_tokenizer(target)
-    check, chars = [], 0   # the first kept documents, up to ~300k characters: HF is the slow side
+    check, chars = [], 0  # the first kept documents, up to ~300k characters: HF is the slow side
     for text in stages.sample_texts(work, [u.index for u in units], offsets, dropped, 1, 1, 0):
         check.append(text)
         chars += len(text)
@@ -295,16 +375,35 @@ def _tokenizer(recipe: Recipe, work: WorkDir, units: list[Unit], offsets, droppe
     return FastEncoder(tok, check).backend
 
 
-def _final_report(work, plan, units, recipe, dedup, tokens, docs_out, n_shards, seconds, encoder, log,
-                  workers=1) -> dict:
+def _final_report(
+    work, plan, units, recipe, dedup, tokens, docs_out, n_shards, seconds, encoder, log, workers=1
+) -> dict:
     scan = [stages.unit_done(work, u.index, "scan") for u in units]
     limit = recipe.report.reject_samples
-    samples = {"exact_dedup": _dup_samples(work, dedup.get("exact_drop"), dedup.get("exact_of"), plan, limit, recipe),
-               "near_dedup": _dup_samples(work, dedup.get("near_drop"), dedup.get("near_of"), plan, limit, recipe)}
-    report = build_report(scan, {"exact": len(dedup.get("exact_drop", [])), "near": len(dedup.get("near_drop", []))},
-                          tokens, docs_out, seconds, plan["bytes_in"], n_shards, encoder,
-                          ["empty", *(f["name"] for f in recipe.filters), *(["exact_dedup"] if recipe.dedup.exact else []),
-                           *(["near_dedup"] if recipe.dedup.near.enabled else [])])
+    samples = {
+        "exact_dedup": _dup_samples(
+            work, dedup.get("exact_drop"), dedup.get("exact_of"), plan, limit, recipe
+        ),
+        "near_dedup": _dup_samples(
+            work, dedup.get("near_drop"), dedup.get("near_of"), plan, limit, recipe
+        ),
+    }
+    report = build_report(
+        scan,
+        {"exact": len(dedup.get("exact_drop", [])), "near": len(dedup.get("near_drop", []))},
+        tokens,
+        docs_out,
+        seconds,
+        plan["bytes_in"],
+        n_shards,
+        encoder,
+        [
+            "empty",
+            *(f["name"] for f in recipe.filters),
+            *(["exact_dedup"] if recipe.dedup.exact else []),
+            *(["near_dedup"] if recipe.dedup.near.enabled else []),
+        ],
+    )
     report["workers"] = workers
     write_rejects(work.out, scan, samples, limit)
     save_report(work.out, report)
@@ -325,6 +424,11 @@ def _dup_samples(work, drop, of, plan, limit, recipe) -> list[dict]:
     items = []
     for gid, orig in zip(drop[:limit], of[:limit]):
         text, source = locate(gid)
-        items.append({"location": source, "reason": f"duplicate of {locate(orig)[1]}",
-                      "text": text[: recipe.report.sample_chars]})
+        items.append(
+            {
+                "location": source,
+                "reason": f"duplicate of {locate(orig)[1]}",
+                "text": text[: recipe.report.sample_chars],
+            }
+        )
     return items

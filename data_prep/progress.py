@@ -5,6 +5,7 @@ file every second (OUT/.prep-work/progress/); rank 0 sums the files of all ranks
 On a TTY it redraws one line; otherwise (Slurm logs) it prints a line every
 MEGATRAIN_PROGRESS_S seconds (default 30) and one at the end of the stage.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,17 @@ from pathlib import Path
 
 
 class Progress:
-    def __init__(self, directory: Path, stage: str, rank: int, size: int, total_units: int, display: bool,
-                 log=print, stream=None):
+    def __init__(
+        self,
+        directory: Path,
+        stage: str,
+        rank: int,
+        size: int,
+        total_units: int,
+        display: bool,
+        log=print,
+        stream=None,
+    ):
         self.dir, self.stage, self.rank, self.size = directory, stage, rank, size
         self.total_units, self.log = total_units, log
         self.counts = {"docs": 0, "chars": 0, "tokens": 0, "units": 0}
@@ -54,7 +64,11 @@ class Progress:
         total = {k: 0 for k in self.counts}
         for r in range(self.size):
             try:
-                counts = self.counts if r == self.rank else json.loads((self.dir / f"{self.stage}.{r}.json").read_text())
+                counts = (
+                    self.counts
+                    if r == self.rank
+                    else json.loads((self.dir / f"{self.stage}.{r}.json").read_text())
+                )
             except (OSError, ValueError):
                 continue
             for k in total:
@@ -66,8 +80,10 @@ class Progress:
         elapsed = max(time.monotonic() - self.start, 1e-9)
         frac = t["units"] / self.total_units if self.total_units else 1.0
         bar = "#" * int(20 * frac) + "." * (20 - int(20 * frac))
-        text = (f"{self.stage:<9} [{bar}] {t['units']}/{self.total_units} units  {t['docs']:,} docs  "
-                f"{t['chars'] / 1e6:,.1f} MB  {t['chars'] / 1e6 / elapsed:,.2f} MB/s")
+        text = (
+            f"{self.stage:<9} [{bar}] {t['units']}/{self.total_units} units  {t['docs']:,} docs  "
+            f"{t['chars'] / 1e6:,.1f} MB  {t['chars'] / 1e6 / elapsed:,.2f} MB/s"
+        )
         if t["tokens"]:
             text += f"  {t['tokens'] / elapsed:,.0f} tokens/s"
         return text

@@ -12,6 +12,7 @@ A reason is "kind: detail"; `problem_class(kind)` says how the report counts it:
 that could not become a document (malformed JSON, missing field, too long), a *repair* that
 kept the document (invalid UTF-8), or a *file* problem (empty file, truncated archive).
 """
+
 from __future__ import annotations
 
 import glob
@@ -26,7 +27,12 @@ from pathlib import Path
 
 SUPPORTED = (".jsonl", ".json", ".txt", ".parquet")
 COMPRESSED = (".gz", ".zst")
-FILE_PROBLEMS = ("empty_file", "truncated_or_corrupt_archive", "unreadable_parquet", "missing_column")
+FILE_PROBLEMS = (
+    "empty_file",
+    "truncated_or_corrupt_archive",
+    "unreadable_parquet",
+    "missing_column",
+)
 
 RejectCallback = Callable[[str, str], None]
 
@@ -80,7 +86,9 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
         path = Path(item)
         if path.is_dir():
             if not os.access(path, os.R_OK | os.X_OK):
-                raise InputError(f"cannot read input directory {path}: permission denied; fix its permissions")
+                raise InputError(
+                    f"cannot read input directory {path}: permission denied; fix its permissions"
+                )
             try:
                 found = [p for p in path.rglob("*") if p.is_file() and _base_suffix(p) in SUPPORTED]
             except PermissionError as e:
@@ -94,11 +102,15 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
             raise InputError(f"input {item} does not exist")
     unsupported = [f for f in files if _base_suffix(f) not in SUPPORTED]
     if unsupported:
-        raise InputError(f"unsupported input {unsupported[0]}: expected one of {', '.join(SUPPORTED)} "
-                         f"(optionally {' or '.join(COMPRESSED)} compressed)")
+        raise InputError(
+            f"unsupported input {unsupported[0]}: expected one of {', '.join(SUPPORTED)} "
+            f"(optionally {' or '.join(COMPRESSED)} compressed)"
+        )
     unique = list(dict.fromkeys(files))
     if not unique:
-        raise InputError(f"no input files found in {', '.join(inputs)} (looked for {', '.join(SUPPORTED)})")
+        raise InputError(
+            f"no input files found in {', '.join(inputs)} (looked for {', '.join(SUPPORTED)})"
+        )
     unreadable = [f for f in unique if not os.access(f, os.R_OK)]
     if unreadable:
         raise InputError(f"cannot read input file {unreadable[0]}: permission denied")
@@ -150,7 +162,7 @@ def _parquet_units(path: Path, unit_bytes: int, first_index: int) -> list[Unit]:
     try:
         meta = pq.ParquetFile(path).metadata
     except Exception:
-        return [Unit(first_index, str(path), path.stat().st_size)]   # reported when read
+        return [Unit(first_index, str(path), path.stat().st_size)]  # reported when read
     units, start, row, first_row, acc = [], 0, 0, 0, 0
     for g in range(meta.num_row_groups):
         acc += meta.row_group(g).total_byte_size
@@ -175,10 +187,14 @@ def open_binary(path: Path):
 
 
 def _is_archive_error(e: Exception) -> bool:
-    return isinstance(e, (EOFError, OSError, gzip.BadGzipFile)) or type(e).__module__.startswith("zstandard")
+    return isinstance(e, (EOFError, OSError, gzip.BadGzipFile)) or type(e).__module__.startswith(
+        "zstandard"
+    )
 
 
-def _lines(unit: Unit, on_reject: RejectCallback, max_line_bytes: int) -> Iterator[tuple[int, str | None]]:
+def _lines(
+    unit: Unit, on_reject: RejectCallback, max_line_bytes: int
+) -> Iterator[tuple[int, str | None]]:
     """(line number, text) of the unit's lines. Invalid UTF-8 is repaired (U+FFFD) and reported;
     a line longer than max_line_bytes is skipped without being held in memory (text None);
     a truncated archive ends the unit cleanly with a report."""
@@ -198,7 +214,7 @@ def _lines(unit: Unit, on_reject: RejectCallback, max_line_bytes: int) -> Iterat
                 consumed += len(line)
                 number += 1
                 if len(line) > max_line_bytes and not line.endswith(b"\n"):
-                    while line and not line.endswith(b"\n"):   # drain the rest of a huge line
+                    while line and not line.endswith(b"\n"):  # drain the rest of a huge line
                         line = reader.readline(1 << 24)
                         consumed += len(line)
                     yield number, None
@@ -226,7 +242,9 @@ def _repair_surrogates(text: str, where: str, on_reject: RejectCallback) -> str:
     return text
 
 
-def read_jsonl(unit: Unit, text_field: str, on_reject: RejectCallback, max_chars: int) -> Iterator[Document]:
+def read_jsonl(
+    unit: Unit, text_field: str, on_reject: RejectCallback, max_chars: int
+) -> Iterator[Document]:
     for number, line in _lines(unit, on_reject, 8 * max_chars + 4096):
         where = f"{unit.path}:{number}"
         if line is None:
@@ -246,7 +264,9 @@ def read_jsonl(unit: Unit, text_field: str, on_reject: RejectCallback, max_chars
         yield Document(_repair_surrogates(text, where, on_reject), where)
 
 
-def read_txt(unit: Unit, on_reject: RejectCallback, split: str, max_chars: int) -> Iterator[Document]:
+def read_txt(
+    unit: Unit, on_reject: RejectCallback, split: str, max_chars: int
+) -> Iterator[Document]:
     """`file`: the whole file is one document; `paragraph`: blocks separated by blank lines."""
     block, size, start, too_long = [], 0, 1, False
     for number, line in _lines(unit, on_reject, 4 * max_chars + 4096):
@@ -255,7 +275,7 @@ def read_txt(unit: Unit, on_reject: RejectCallback, split: str, max_chars: int) 
                 yield from _txt_block(unit, start, block, too_long, on_reject)
             block, size, start, too_long = [], 0, number + 1, False
             continue
-        if line is None or size + len(line) > max_chars:   # keep memory bounded: stop collecting
+        if line is None or size + len(line) > max_chars:  # keep memory bounded: stop collecting
             block, too_long = [], True
         elif not too_long:
             block.append(line)
@@ -264,7 +284,9 @@ def read_txt(unit: Unit, on_reject: RejectCallback, split: str, max_chars: int) 
         yield from _txt_block(unit, start, block, too_long, on_reject)
 
 
-def _txt_block(unit: Unit, start: int, block: list[str], too_long: bool, on_reject) -> Iterator[Document]:
+def _txt_block(
+    unit: Unit, start: int, block: list[str], too_long: bool, on_reject
+) -> Iterator[Document]:
     where = f"{unit.path}:{start}"
     if too_long:
         on_reject(where, "too_long: text block over the max_doc_chars limit")
@@ -282,7 +304,9 @@ def read_parquet(unit: Unit, text_field: str, on_reject: RejectCallback) -> Iter
         on_reject(unit.path, f"unreadable_parquet: {e}")
         return
     if text_field not in pf.schema_arrow.names:
-        on_reject(unit.path, f"missing_column: no column '{text_field}' (have {pf.schema_arrow.names})")
+        on_reject(
+            unit.path, f"missing_column: no column '{text_field}' (have {pf.schema_arrow.names})"
+        )
         return
     row = unit.first_line
     try:
@@ -298,8 +322,13 @@ def read_parquet(unit: Unit, text_field: str, on_reject: RejectCallback) -> Iter
         on_reject(f"{unit.path}:{row}", f"unreadable_parquet: {e}")
 
 
-def read_unit(unit: Unit, on_reject: RejectCallback, text_field: str = "text", txt_split: str = "file",
-              max_chars: int = 10_000_000) -> Iterator[Document]:
+def read_unit(
+    unit: Unit,
+    on_reject: RejectCallback,
+    text_field: str = "text",
+    txt_split: str = "file",
+    max_chars: int = 10_000_000,
+) -> Iterator[Document]:
     """Documents of one unit, whatever its format; oversized ones are rejected."""
     path = Path(unit.path)
     kind = _base_suffix(path)
@@ -319,8 +348,15 @@ def read_unit(unit: Unit, on_reject: RejectCallback, text_field: str = "text", t
         yield doc
 
 
-def read_documents(path: Path, on_reject: RejectCallback, text_field: str = "text", txt_split: str = "file",
-                   max_chars: int = 10_000_000) -> Iterator[Document]:
+def read_documents(
+    path: Path,
+    on_reject: RejectCallback,
+    text_field: str = "text",
+    txt_split: str = "file",
+    max_chars: int = 10_000_000,
+) -> Iterator[Document]:
     """Documents of one whole input file."""
     path = Path(path)
-    yield from read_unit(Unit(0, str(path), path.stat().st_size), on_reject, text_field, txt_split, max_chars)
+    yield from read_unit(
+        Unit(0, str(path), path.stat().st_size), on_reject, text_field, txt_split, max_chars
+    )

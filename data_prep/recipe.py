@@ -13,6 +13,7 @@ Every key is optional; an unknown key stops with its name and the closest valid 
 thresholds are the fields of the filter classes in data_prep.filters. Command-line flags
 (--vocab-size, --tokenizer, --text-field, --shard-tokens) override the recipe.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -117,7 +118,9 @@ class Recipe:
 def parse_recipe(raw: dict | None, where: str = "recipe") -> Recipe:
     raw = dict(raw or {})
     dedup = raw.get("dedup")
-    if isinstance(dedup, dict) and isinstance(dedup.get("near"), bool):  # `near: true` is short for enabled
+    if isinstance(dedup, dict) and isinstance(
+        dedup.get("near"), bool
+    ):  # `near: true` is short for enabled
         raw["dedup"] = {**dedup, "near": {"enabled": dedup["near"]}}
     try:
         recipe = from_dict(Recipe, raw)
@@ -133,14 +136,21 @@ def parse_recipe(raw: dict | None, where: str = "recipe") -> Recipe:
     near = recipe.dedup.near
     if near.num_perm:
         if near.num_perm % near.bands:
-            raise RecipeError(f"{where}: dedup.near.num_perm {near.num_perm} is not a multiple of bands {near.bands}")
+            raise RecipeError(
+                f"{where}: dedup.near.num_perm {near.num_perm} is not a multiple of bands {near.bands}"
+            )
         near.rows = near.num_perm // near.bands
     if recipe.read.txt_split not in ("file", "paragraph"):
-        raise RecipeError(f"{where}: read.txt_split must be 'file' or 'paragraph', not {recipe.read.txt_split!r}")
+        raise RecipeError(
+            f"{where}: read.txt_split must be 'file' or 'paragraph', not {recipe.read.txt_split!r}"
+        )
     if EOS not in recipe.tokenizer.special_tokens:
         recipe.tokenizer.special_tokens.insert(0, EOS)
-    for name, value in [("tokenizer.vocab_size", recipe.tokenizer.vocab_size),
-                        ("output.shard_tokens", recipe.output.shard_tokens), ("read.unit_mb", recipe.read.unit_mb)]:
+    for name, value in [
+        ("tokenizer.vocab_size", recipe.tokenizer.vocab_size),
+        ("output.shard_tokens", recipe.output.shard_tokens),
+        ("read.unit_mb", recipe.read.unit_mb),
+    ]:
         if value <= 0:
             raise RecipeError(f"{where}: {name} must be positive, got {value}")
     return recipe

@@ -7,6 +7,7 @@ stage:   docs_in == docs_out + sum(rejected) + sum(removed).
 Repairs (invalid UTF-8 replaced) keep the document and are counted apart; so are file-level
 problems (empty file, truncated archive), which are not records.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,17 @@ from megatrain.shards import temp_path
 STAGE_ORDER = ["empty", "length", "quality", "repetition", "language", "exact_dedup", "near_dedup"]
 
 
-def build_report(scan_stats: list[dict], dedup: dict, tokens: int, docs_out: int, seconds: dict,
-                 bytes_in: int, shards: int, encoder: str, stages: list[str] = ()) -> dict:
+def build_report(
+    scan_stats: list[dict],
+    dedup: dict,
+    tokens: int,
+    docs_out: int,
+    seconds: dict,
+    bytes_in: int,
+    shards: int,
+    encoder: str,
+    stages: list[str] = (),
+) -> dict:
     """`stages`: the filters and dedup stages the recipe runs, listed in `removed` even at 0."""
     totals = {k: Counter() for k in ("rejected", "repaired", "file_problems", "removed", "reasons")}
     docs_in = 0
@@ -34,16 +44,24 @@ def build_report(scan_stats: list[dict], dedup: dict, tokens: int, docs_out: int
     removed = {k: totals["removed"][k] for k in sorted(names, key=_stage_key)}
     total_s = sum(seconds.values())
     report = {
-        "docs_in": docs_in, "docs_out": docs_out, "tokens": tokens,
+        "docs_in": docs_in,
+        "docs_out": docs_out,
+        "tokens": tokens,
         "rejected": dict(sorted(totals["rejected"].items())),
         "rejected_total": sum(totals["rejected"].values()),
-        "removed": removed, "removed_total": sum(removed.values()),
+        "removed": removed,
+        "removed_total": sum(removed.values()),
         "removed_reasons": dict(sorted(totals["reasons"].items())),
         "repaired": dict(sorted(totals["repaired"].items())),
         "file_problems": dict(sorted(totals["file_problems"].items())),
-        "bytes_in": bytes_in, "shards": shards, "encoder": encoder,
-        "seconds": {k: round(v, 3) for k, v in seconds.items()}, "seconds_total": round(total_s, 3),
-        "tokens_per_s": round(tokens / max(seconds.get("tokenize", 0) + seconds.get("write", 0), 1e-9), 1),
+        "bytes_in": bytes_in,
+        "shards": shards,
+        "encoder": encoder,
+        "seconds": {k: round(v, 3) for k, v in seconds.items()},
+        "seconds_total": round(total_s, 3),
+        "tokens_per_s": round(
+            tokens / max(seconds.get("tokenize", 0) + seconds.get("write", 0), 1e-9), 1
+        ),
         "tokens_per_s_overall": round(tokens / max(total_s, 1e-9), 1),
         "mb_per_s": round(bytes_in / 1e6 / max(total_s, 1e-9), 3),
     }
@@ -55,7 +73,9 @@ def _stage_key(name: str) -> tuple[int, str]:
     return (STAGE_ORDER.index(name) if name in STAGE_ORDER else len(STAGE_ORDER) - 2, name)
 
 
-def write_rejects(out: Path, scan_stats: list[dict], dedup_samples: dict[str, list], limit: int) -> dict[str, int]:
+def write_rejects(
+    out: Path, scan_stats: list[dict], dedup_samples: dict[str, list], limit: int
+) -> dict[str, int]:
     """DIR/rejects/<stage>.jsonl: up to `limit` removed documents per stage, in input order, with the reason."""
     merged: dict[str, list] = {}
     for s in scan_stats:
@@ -93,14 +113,21 @@ def format_table(report: dict) -> str:
     rows.append(("documents out", report["docs_out"], ""))
     width = max(len(r[0]) for r in rows)
     lines = [f"{'stage':<{width}}  {'documents':>12}  {'left':>12}"]
-    lines += [f"{name:<{width}}  {n:>12,}  {(f'{rest:,}' if rest != '' else ''):>12}" for name, n, rest in rows]
-    extra = {**{f"repaired: {k}": v for k, v in report["repaired"].items()},
-             **{f"file problem: {k}": v for k, v in report["file_problems"].items()}}
+    lines += [
+        f"{name:<{width}}  {n:>12,}  {(f'{rest:,}' if rest != '' else ''):>12}"
+        for name, n, rest in rows
+    ]
+    extra = {
+        **{f"repaired: {k}": v for k, v in report["repaired"].items()},
+        **{f"file problem: {k}": v for k, v in report["file_problems"].items()},
+    }
     lines += [f"{name:<{width}}  {n:>12,}" for name, n in extra.items()]
     secs = report["seconds"]
-    lines.append(f"tokens {report['tokens']:,} in {report['shards']} shard(s); input {report['bytes_in'] / 1e6:,.1f} MB "
-                 f"in {report['seconds_total']:.1f} s ({report['mb_per_s']:.2f} MB/s); tokenize+write "
-                 f"{report['tokens_per_s']:,.0f} tokens/s ({report['encoder']})")
+    lines.append(
+        f"tokens {report['tokens']:,} in {report['shards']} shard(s); input {report['bytes_in'] / 1e6:,.1f} MB "
+        f"in {report['seconds_total']:.1f} s ({report['mb_per_s']:.2f} MB/s); tokenize+write "
+        f"{report['tokens_per_s']:,.0f} tokens/s ({report['encoder']})"
+    )
     lines.append("time per stage: " + ", ".join(f"{k} {v:.1f} s" for k, v in secs.items()))
     if not report["accounted"]:
         lines.append("WARNING: the counts do not add up; please report this as a bug")

@@ -7,6 +7,7 @@
 
 Every output depends only on the unit and the global results, never on which rank did it.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -32,7 +33,11 @@ BATCH_DOCS = 1024
 
 def minhasher(recipe: Recipe) -> MinHasher | None:
     near = recipe.dedup.near
-    return MinHasher(MinHashConfig(near.shingle_size, near.bands, near.rows, near.seed)) if near.enabled else None
+    return (
+        MinHasher(MinHashConfig(near.shingle_size, near.bands, near.rows, near.seed))
+        if near.enabled
+        else None
+    )
 
 
 class UnitCounts:
@@ -42,7 +47,9 @@ class UnitCounts:
         self.docs_in = 0
         self.kept = 0
         self.chars_kept = 0
-        self.counters = {k: Counter() for k in ("rejected", "repaired", "file_problems", "removed", "reasons")}
+        self.counters = {
+            k: Counter() for k in ("rejected", "repaired", "file_problems", "removed", "reasons")
+        }
         self.samples: dict[str, list] = {}
         self.limit, self.sample_chars = sample_limit, sample_chars
 
@@ -60,7 +67,9 @@ class UnitCounts:
     def removed(self, stage: str, reason: str, location: str, text: str) -> None:
         self.counters["removed"][stage] += 1
         self.counters["reasons"][reason] += 1
-        self._sample(stage, {"location": location, "reason": reason, "text": text[: self.sample_chars]})
+        self._sample(
+            stage, {"location": location, "reason": reason, "text": text[: self.sample_chars]}
+        )
 
     def _sample(self, stage: str, item: dict) -> None:
         bucket = self.samples.setdefault(stage, [])
@@ -68,12 +77,23 @@ class UnitCounts:
             bucket.append(item)
 
     def as_dict(self) -> dict:
-        return {"docs_in": self.docs_in, "kept": self.kept, "chars_kept": self.chars_kept,
-                **{k: dict(v) for k, v in self.counters.items()}, "samples": self.samples}
+        return {
+            "docs_in": self.docs_in,
+            "kept": self.kept,
+            "chars_kept": self.chars_kept,
+            **{k: dict(v) for k, v in self.counters.items()},
+            "samples": self.samples,
+        }
 
 
-def scan_unit(unit: Unit, recipe: Recipe, filters: list, hasher: MinHasher | None, work: WorkDir,
-              progress=None) -> dict:
+def scan_unit(
+    unit: Unit,
+    recipe: Recipe,
+    filters: list,
+    hasher: MinHasher | None,
+    work: WorkDir,
+    progress=None,
+) -> dict:
     """Read, clean and filter one unit; commit its kept text, dedup keys and counts."""
     counts = UnitCounts(recipe.report.reject_samples, recipe.report.sample_chars)
     docs_path, keys_path = work.unit(unit.index, "docs.arrow"), work.unit(unit.index, "keys.npz")
@@ -81,14 +101,23 @@ def scan_unit(unit: Unit, recipe: Recipe, filters: list, hasher: MinHasher | Non
     texts, sources = [], []
     tmp = temp_path(docs_path)
     with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, DOCS_SCHEMA) as writer:
+
         def flush():
-            writer.write_batch(pa.record_batch([pa.array(texts, pa.large_string()), pa.array(sources)],
-                                               schema=DOCS_SCHEMA))
+            writer.write_batch(
+                pa.record_batch(
+                    [pa.array(texts, pa.large_string()), pa.array(sources)], schema=DOCS_SCHEMA
+                )
+            )
             texts.clear()
             sources.clear()
 
-        read = read_unit(unit, counts.on_reject, recipe.read.text_field, recipe.read.txt_split,
-                         recipe.read.max_doc_chars)
+        read = read_unit(
+            unit,
+            counts.on_reject,
+            recipe.read.text_field,
+            recipe.read.txt_split,
+            recipe.read.max_doc_chars,
+        )
         for doc in read:
             counts.docs_in += 1
             if progress is not None:
@@ -122,12 +151,18 @@ def scan_unit(unit: Unit, recipe: Recipe, filters: list, hasher: MinHasher | Non
             flush()
     commit(tmp, docs_path)
     n_bands = hasher.config.bands if hasher is not None else 0
-    bands = hasher.band_keys(np.stack(signatures)) if signatures else np.zeros((0, n_bands), np.uint64)
+    bands = (
+        hasher.band_keys(np.stack(signatures)) if signatures else np.zeros((0, n_bands), np.uint64)
+    )
     tmp = temp_path(keys_path)
     with open(tmp, "wb") as f:
-        np.savez(f, hashes=np.array(hashes, dtype=np.uint64), chars=np.array(chars, dtype=np.int64),
-                 bands=bands,
-                 has_shingles=np.array(has_shingles, dtype=bool))
+        np.savez(
+            f,
+            hashes=np.array(hashes, dtype=np.uint64),
+            chars=np.array(chars, dtype=np.int64),
+            bands=bands,
+            has_shingles=np.array(has_shingles, dtype=bool),
+        )
     commit(tmp, keys_path)
     crash_point("scan")
     stats = {"unit": unit.index, **counts.as_dict()}
@@ -157,14 +192,21 @@ def doc_at(work: WorkDir, unit: int, index: int) -> tuple[str, str]:
 
 def dropped_in(dropped: np.ndarray, first_gid: int, end_gid: int) -> np.ndarray:
     """The part of the sorted global `dropped` array that falls in [first_gid, end_gid)."""
-    return dropped[np.searchsorted(dropped, first_gid):np.searchsorted(dropped, end_gid)]
+    return dropped[np.searchsorted(dropped, first_gid) : np.searchsorted(dropped, end_gid)]
 
 
 # ----------------------------------------------------------------------------- tokenizer sample
 
 
-def sample_texts(work: WorkDir, units: list[int], offsets: np.ndarray, dropped: np.ndarray, budget_chars: int,
-                 total_chars: int, seed: int):
+def sample_texts(
+    work: WorkDir,
+    units: list[int],
+    offsets: np.ndarray,
+    dropped: np.ndarray,
+    budget_chars: int,
+    total_chars: int,
+    seed: int,
+):
     """A seeded sample of about `budget_chars` characters of the kept documents, in global order.
 
     A document is in it when a hash of (seed, its global index) falls under budget / total: the
@@ -186,8 +228,15 @@ def sample_texts(work: WorkDir, units: list[int], offsets: np.ndarray, dropped: 
 # ----------------------------------------------------------------------------- tokenize
 
 
-def tokenize_unit(unit: int, first_gid: int, dropped: np.ndarray, encoder, dtype: np.dtype, work: WorkDir,
-                  progress=None) -> dict:
+def tokenize_unit(
+    unit: int,
+    first_gid: int,
+    dropped: np.ndarray,
+    encoder,
+    dtype: np.dtype,
+    work: WorkDir,
+    progress=None,
+) -> dict:
     """Encode the unit's kept, non-duplicate documents; each document's ids end with EOS."""
     tok_path, len_path = work.unit(unit, "tok"), work.unit(unit, "len.npy")
     tmp = temp_path(tok_path)
@@ -198,7 +247,7 @@ def tokenize_unit(unit: int, first_gid: int, dropped: np.ndarray, encoder, dtype
         for texts, _ in iter_docs(work, unit):
             ids = np.arange(gid, gid + len(texts))
             gid += len(texts)
-            keep = ~np.isin(ids, dropped[:np.searchsorted(dropped, gid)])
+            keep = ~np.isin(ids, dropped[: np.searchsorted(dropped, gid)])
             texts = list(itertools.compress(texts, keep))
             if not texts:
                 continue
@@ -206,7 +255,9 @@ def tokenize_unit(unit: int, first_gid: int, dropped: np.ndarray, encoder, dtype
             for ids in encoded:
                 ids.append(eos)
             batch_lengths = [len(x) for x in encoded]
-            flat = np.fromiter(itertools.chain.from_iterable(encoded), dtype=dtype, count=sum(batch_lengths))
+            flat = np.fromiter(
+                itertools.chain.from_iterable(encoded), dtype=dtype, count=sum(batch_lengths)
+            )
             out.write(flat.tobytes())
             lengths += batch_lengths
             n_tokens += len(flat)
@@ -226,7 +277,7 @@ def tokenize_unit(unit: int, first_gid: int, dropped: np.ndarray, encoder, dtype
 @dataclass
 class ShardPlan:
     index: int
-    pieces: list[tuple[int, int, int]]   # (unit, first document, end document) in the unit's *.len
+    pieces: list[tuple[int, int, int]]  # (unit, first document, end document) in the unit's *.len
 
 
 def shard_layout(work: WorkDir, units: list[int], shard_tokens: int) -> list[ShardPlan]:
@@ -252,7 +303,9 @@ def shard_layout(work: WorkDir, units: list[int], shard_tokens: int) -> list[Sha
     return shards
 
 
-def write_layout_shard(plan: ShardPlan, work: WorkDir, vocab_size: int, dtype: np.dtype) -> ShardInfo:
+def write_layout_shard(
+    plan: ShardPlan, work: WorkDir, vocab_size: int, dtype: np.dtype
+) -> ShardInfo:
     marker = work.shard_marker(plan.index)
     path = work.out / f"shard-{plan.index:05d}.arrow"
     if marker.exists() and path.exists():
@@ -263,8 +316,12 @@ def write_layout_shard(plan: ShardPlan, work: WorkDir, vocab_size: int, dtype: n
     for u, start, end in plan.pieces:
         lengths = np.load(work.unit(u, "len.npy"))
         offsets = np.concatenate([[0], np.cumsum(lengths)])
-        tokens = np.memmap(work.unit(u, "tok"), dtype=dtype, mode="r") if offsets[-1] else np.zeros(0, dtype)
-        documents += [tokens[offsets[i]:offsets[i + 1]] for i in range(start, end)]
+        tokens = (
+            np.memmap(work.unit(u, "tok"), dtype=dtype, mode="r")
+            if offsets[-1]
+            else np.zeros(0, dtype)
+        )
+        documents += [tokens[offsets[i] : offsets[i + 1]] for i in range(start, end)]
     info = write_shard(path, documents, vocab_size)
     crash_point("shard")
     write_json(marker, info.__dict__)

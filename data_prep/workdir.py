@@ -12,6 +12,7 @@ Every file is written under a temporary name unique to the host and process, the
 marker written last says that a unit's files are whole. A unit with no marker is redone from
 scratch. OUT/.prep-work is removed once manifest.json, the dataset's own completion marker, exists.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -101,8 +102,10 @@ def acquire_lock(out: Path, shared: bool = False) -> int:
     except BlockingIOError:
         owner = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
         os.close(fd)
-        raise LockedError(f"{out} is being written by another `megatrain prep` ({owner}); wait for it to "
-                          "finish or choose another --out") from None
+        raise LockedError(
+            f"{out} is being written by another `megatrain prep` ({owner}); wait for it to "
+            "finish or choose another --out"
+        ) from None
     if not shared:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)

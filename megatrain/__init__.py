@@ -1,4 +1,5 @@
 """megatrain: pretrain GPT-style language models on Slurm supercomputers, and know what it cost."""
+
 try:
     from importlib.metadata import version as _version
 

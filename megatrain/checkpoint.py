@@ -11,6 +11,7 @@ A checkpoint counts only once its megatrain-checkpoint.json exists, and that fil
 after that. Loading verifies sizes and hashes first and falls back to the previous checkpoint,
 with a logged event, when one is missing a file or corrupt.
 """
+
 from __future__ import annotations
 
 import json
@@ -52,7 +53,11 @@ def _barrier() -> None:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -69,16 +74,24 @@ def set_rng_state(state: dict) -> None:
 def _hash_files(folder: Path, names: list[str]) -> dict:
     """Every rank hashes its share of the files; all ranks get the whole table."""
     rank, world = _rank_world()
-    mine = {n: {"sha256": sha256_file(folder / n), "bytes": (folder / n).stat().st_size}
-            for n in names[rank::world]}
+    mine = {
+        n: {"sha256": sha256_file(folder / n), "bytes": (folder / n).stat().st_size}
+        for n in names[rank::world]
+    }
     table: dict = {}
     for part in all_gather(mine):
         table.update(part)
     return table
 
 
-def save(engine, ckpt_dir: str | os.PathLike, step: int, client_state: dict, keep: int = 3,
-         keep_every: int = 0) -> Path:
+def save(
+    engine,
+    ckpt_dir: str | os.PathLike,
+    step: int,
+    client_state: dict,
+    keep: int = 3,
+    keep_every: int = 0,
+) -> Path:
     """Save a complete checkpoint of `engine` after `step` optimizer steps; collective (all ranks call it)."""
     rank, world = _rank_world()
     ckpt_dir = Path(ckpt_dir)
@@ -91,8 +104,11 @@ def save(engine, ckpt_dir: str | os.PathLike, step: int, client_state: dict, kee
     torch.save(rng_state(), folder / f".rng-rank{rank:05d}.pt.tmp")
     os.replace(folder / f".rng-rank{rank:05d}.pt.tmp", folder / f"rng-rank{rank:05d}.pt")
     _barrier()
-    names = all_gather(sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
-                        if rank == 0 else None)[0]
+    names = all_gather(
+        sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+        if rank == 0
+        else None
+    )[0]
     files = _hash_files(folder, names)
     if rank == 0:
         manifest = {"step": step, "tag": tag, "world_size": world, "files": files, **client_state}
@@ -172,9 +188,18 @@ def needs_universal(meta: dict, dp_size: int, tp_size: int, zero_stage: int) -> 
     """A ZeRO checkpoint shards optimizer state by data-parallel rank: another layout must go through
     DeepSpeed's universal format. (ZeRO-0 keeps whole states and loads at any data-parallel size.)"""
     saved = meta.get("layout", {})
-    if not saved or saved.get("zero_stage", 0) == 0 and zero_stage == 0 and saved.get("tp_size", 1) == tp_size:
+    if (
+        not saved
+        or saved.get("zero_stage", 0) == 0
+        and zero_stage == 0
+        and saved.get("tp_size", 1) == tp_size
+    ):
         return False
-    return (saved.get("dp_size"), saved.get("tp_size"), saved.get("zero_stage")) != (dp_size, tp_size, zero_stage)
+    return (saved.get("dp_size"), saved.get("tp_size"), saved.get("zero_stage")) != (
+        dp_size,
+        tp_size,
+        zero_stage,
+    )
 
 
 def to_universal(ckpt_dir: str | os.PathLike, tag: str, log=print) -> str:
@@ -192,15 +217,31 @@ def to_universal(ckpt_dir: str | os.PathLike, tag: str, log=print) -> str:
         out.mkdir(parents=True)
         log({"event": "universal_conversion", "tag": tag, "output": str(out)})
         with open(out / "convert.log", "w") as logfile:
-            result = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
-                                     "--input_folder", str(ckpt_dir / tag), "--output_folder", str(out),
-                                     "--inject_missing_state", "--num_extract_workers", "2",
-                                     "--num_merge_workers", "1"], stdout=logfile, stderr=subprocess.STDOUT)
+            result = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "deepspeed.checkpoint.ds_to_universal",
+                    "--input_folder",
+                    str(ckpt_dir / tag),
+                    "--output_folder",
+                    str(out),
+                    "--inject_missing_state",
+                    "--num_extract_workers",
+                    "2",
+                    "--num_merge_workers",
+                    "1",
+                ],
+                stdout=logfile,
+                stderr=subprocess.STDOUT,
+            )
         ok = result.returncode == 0
         if ok:
             (out / UNIVERSAL_DONE).write_text(tag)
     else:
         ok = True
     if not all(all_gather(ok)):
-        raise CheckpointError(f"converting {ckpt_dir / tag} to a universal checkpoint failed; see {out}/convert.log")
+        raise CheckpointError(
+            f"converting {ckpt_dir / tag} to a universal checkpoint failed; see {out}/convert.log"
+        )
     return out_tag

@@ -1,4 +1,5 @@
 """The `megatrain` command: thin wrappers that parse arguments and call the modules."""
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,18 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from megatrain.report import ReportError
     from megatrain.shards import ShardError
 
-    return (ConfigError, ShardError, CheckpointError, PrepError, InputError, TokenizerError, RecipeError,
-            ReportError, CarbonInputError, FileNotFoundError)
+    return (
+        ConfigError,
+        ShardError,
+        CheckpointError,
+        PrepError,
+        InputError,
+        TokenizerError,
+        RecipeError,
+        ReportError,
+        CarbonInputError,
+        FileNotFoundError,
+    )
 
 
 # ----------------------------------------------------------------------------- prep
@@ -40,22 +51,36 @@ def cmd_prep(args) -> int:
     from data_prep.pipeline import PrepOptions, run_prep
 
     try:
-        report = run_prep(PrepOptions(inputs=args.inputs, out=args.out, recipe=args.recipe,
-                                      vocab_size=args.vocab_size, tokenizer=args.tokenizer,
-                                      text_field=args.text_field, shard_tokens=args.shard_tokens,
-                                      workers=args.workers, force=args.force, keep_work=args.keep_work))
+        report = run_prep(
+            PrepOptions(
+                inputs=args.inputs,
+                out=args.out,
+                recipe=args.recipe,
+                vocab_size=args.vocab_size,
+                tokenizer=args.tokenizer,
+                text_field=args.text_field,
+                shard_tokens=args.shard_tokens,
+                workers=args.workers,
+                force=args.force,
+                keep_work=args.keep_work,
+            )
+        )
     except Exception as e:
         if getattr(e, "shared", False) and not _is_rank0():
-            return 2   # every rank has this error: rank 0 prints it
+            return 2  # every rank has this error: rank 0 prints it
         raise
     if report is not None and report.get("docs_out") is not None and _is_rank0():
-        print(f"prep: {report['docs_in']:,} documents in, {report['docs_out']:,} out, {report['tokens']:,} tokens "
-              f"-> {args.out}")
+        print(
+            f"prep: {report['docs_in']:,} documents in, {report['docs_out']:,} out, {report['tokens']:,} tokens "
+            f"-> {args.out}"
+        )
     return 0
 
 
 def _is_rank0() -> bool:
-    return all(os.environ.get(k, "0") == "0" for k in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"))
+    return all(
+        os.environ.get(k, "0") == "0" for k in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
+    )
 
 
 # ----------------------------------------------------------------------------- train
@@ -67,8 +92,18 @@ def _in_distributed_launch() -> bool:
 
 def _launch_local(args) -> int:
     """Start `nproc` local processes through torchrun, each running this same command."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-           "-m", "megatrain.cli", "train", args.config, *args.overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={args.nproc}",
+        "-m",
+        "megatrain.cli",
+        "train",
+        args.config,
+        *args.overrides,
+    ]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
     return subprocess.call(cmd, env=env)
@@ -91,11 +126,16 @@ def cmd_train(args) -> int:
 
     from megatrain.train import train
 
-    summary = train(cfg)  # an exception propagates: the launcher (torchrun, srun) stops the other ranks
+    summary = train(
+        cfg
+    )  # an exception propagates: the launcher (torchrun, srun) stops the other ranks
     rank = int(os.environ.get("RANK", 0))
     if rank == 0:
-        print(f"megatrain: {'stopped' if summary['interrupted'] else 'finished'} at step {summary['steps']}; "
-              f"run directory {summary['run_dir']}", flush=True)
+        print(
+            f"megatrain: {'stopped' if summary['interrupted'] else 'finished'} at step {summary['steps']}; "
+            f"run directory {summary['run_dir']}",
+            flush=True,
+        )
     launch.finish_job(cfg, summary, rank)  # under Slurm, a signal-stop requeues the job (rank 0)
     if dist.is_initialized():
         dist.barrier()
@@ -116,16 +156,27 @@ def dry_run(cfg, world_size: int) -> dict:
 
     if cfg.model.vocab_size == 0:
         vocab = Manifest.read(cfg.data.sources[0].path).vocab_size
-        cfg.model.vocab_size = cfg.model.vocab_multiple * math.ceil(vocab / cfg.model.vocab_multiple)
+        cfg.model.vocab_size = cfg.model.vocab_multiple * math.ceil(
+            vocab / cfg.model.vocab_multiple
+        )
     dp = max(1, world_size // cfg.parallel.tensor)
     layout = resolve_batch(cfg, dp)
     steps = cfg.run.max_steps or math.ceil(cfg.run.max_tokens / layout.tokens_per_step)
-    return {**count_params(cfg.model, cfg.data.seq_len), "flops_per_token": flops_per_token(cfg.model, cfg.data.seq_len),
-            "vocab_size": cfg.model.vocab_size, "seq_len": cfg.data.seq_len, "world_size": world_size,
-            "dp_size": dp, "tp_size": cfg.parallel.tensor, "micro_batch": layout.micro_batch,
-            "grad_accum": layout.grad_accum, "global_batch": layout.global_batch,
-            "tokens_per_step": layout.tokens_per_step, "max_steps": steps,
-            "total_tokens": steps * layout.tokens_per_step}
+    return {
+        **count_params(cfg.model, cfg.data.seq_len),
+        "flops_per_token": flops_per_token(cfg.model, cfg.data.seq_len),
+        "vocab_size": cfg.model.vocab_size,
+        "seq_len": cfg.data.seq_len,
+        "world_size": world_size,
+        "dp_size": dp,
+        "tp_size": cfg.parallel.tensor,
+        "micro_batch": layout.micro_batch,
+        "grad_accum": layout.grad_accum,
+        "global_batch": layout.global_batch,
+        "tokens_per_step": layout.tokens_per_step,
+        "max_steps": steps,
+        "total_tokens": steps * layout.tokens_per_step,
+    }
 
 
 # ----------------------------------------------------------------------------- submit
@@ -140,13 +191,29 @@ def cmd_submit(args) -> int:
     time_min = launch.parse_slurm_time(args.time)
     if args.dry_run:
         cfg = launch.prepare(args.config, args.overrides, args.cluster)
-        params = launch.slurm_parameters(load_cluster(cfg.cluster), nodes=args.nodes, tasks_per_node=args.tasks_per_node,
-                                         time_min=time_min, qos=args.qos, account=args.account, job_name=cfg.run.name)
+        params = launch.slurm_parameters(
+            load_cluster(cfg.cluster),
+            nodes=args.nodes,
+            tasks_per_node=args.tasks_per_node,
+            time_min=time_min,
+            qos=args.qos,
+            account=args.account,
+            job_name=cfg.run.name,
+        )
         print(json.dumps(params, indent=2))
         return 0
-    job = launch.submit(args.config, args.overrides, cluster=args.cluster, nodes=args.nodes,
-                        tasks_per_node=args.tasks_per_node, time_min=time_min, qos=args.qos, account=args.account,
-                        folder=args.folder, executor=args.executor)
+    job = launch.submit(
+        args.config,
+        args.overrides,
+        cluster=args.cluster,
+        nodes=args.nodes,
+        tasks_per_node=args.tasks_per_node,
+        time_min=time_min,
+        qos=args.qos,
+        account=args.account,
+        folder=args.folder,
+        executor=args.executor,
+    )
     print(f"megatrain submit: job {job.job_id}; logs {job.paths.stdout.parent}", flush=True)
     if not args.wait:
         return 0
@@ -155,8 +222,10 @@ def cmd_submit(args) -> int:
     except (submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError) as e:
         print(f"megatrain submit: job {job.job_id} failed:\n{e}", file=sys.stderr)
         return 1
-    print(f"megatrain submit: job {job.job_id} {'stopped' if summary['interrupted'] else 'finished'} at step "
-          f"{summary['steps']}; run directory {summary['run_dir']}")
+    print(
+        f"megatrain submit: job {job.job_id} {'stopped' if summary['interrupted'] else 'finished'} at step "
+        f"{summary['steps']}; run directory {summary['run_dir']}"
+    )
     return 0
 
 
@@ -177,18 +246,31 @@ def cmd_carbon(args) -> int:
     from megatrain.config import load_cluster
 
     if args.published:
-        print(json.dumps(carbon.published_dicts(), indent=2) if args.json else carbon.render_published())
+        print(
+            json.dumps(carbon.published_dicts(), indent=2)
+            if args.json
+            else carbon.render_published()
+        )
         return 0
     if args.energy_kwh is None and args.gpu_hours is None:
-        raise carbon.CarbonInputError("give --gpu-hours (with --gpu-power-w or --cluster) or --energy-kwh; "
-                                      "--published shows the published cases")
+        raise carbon.CarbonInputError(
+            "give --gpu-hours (with --gpu-power-w or --cluster) or --energy-kwh; "
+            "--published shows the published cases"
+        )
     cluster = load_cluster(args.cluster) if args.cluster else None
-    kwargs, sources = carbon.resolve_inputs(gpu_hours=args.gpu_hours, gpu_power_w=args.gpu_power_w,
-                                            energy_kwh=args.energy_kwh, pue=args.pue, intensity=args.intensity,
-                                            cluster=cluster)
+    kwargs, sources = carbon.resolve_inputs(
+        gpu_hours=args.gpu_hours,
+        gpu_power_w=args.gpu_power_w,
+        energy_kwh=args.energy_kwh,
+        pue=args.pue,
+        intensity=args.intensity,
+        cluster=cluster,
+    )
     if "gpu_hours" in kwargs and kwargs.get("gpu_power_w") is None:
-        raise carbon.CarbonInputError("--gpu-hours needs --gpu-power-w (W per GPU: measured mean, or the TDP "
-                                      "as an upper bound), or --cluster NAME to take the profile's power")
+        raise carbon.CarbonInputError(
+            "--gpu-hours needs --gpu-power-w (W per GPU: measured mean, or the TDP "
+            "as an upper bound), or --cluster NAME to take the profile's power"
+        )
     try:
         result = carbon.estimate(**kwargs)
     except ValueError as e:
@@ -215,119 +297,207 @@ def cmd_config_doc(args) -> int:
 
 
 def add_prep(sub) -> None:
-    p = sub.add_parser("prep", help="raw text -> tokenizer + Arrow token shards",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Read raw text (jsonl, txt, parquet; .gz/.zst), clean, filter and deduplicate it "
-                                   "as a recipe says, train a byte-level BPE tokenizer or load one, tokenize, and "
-                                   "write Arrow shards with a manifest and a report. Rerun the same command to "
-                                   "resume after a crash.",
-                       epilog="examples:\n  megatrain prep corpus/ --out data/demo --vocab-size 4096\n"
-                              "  megatrain prep raw/ --out data/fr-en --recipe configs/data/fr-en.yaml --workers 8\n"
-                              "  mpiexec -n 4 megatrain prep raw/ --out data/fr-en --recipe configs/data/fr-en.yaml")
+    p = sub.add_parser(
+        "prep",
+        help="raw text -> tokenizer + Arrow token shards",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Read raw text (jsonl, txt, parquet; .gz/.zst), clean, filter and deduplicate it "
+        "as a recipe says, train a byte-level BPE tokenizer or load one, tokenize, and "
+        "write Arrow shards with a manifest and a report. Rerun the same command to "
+        "resume after a crash.",
+        epilog="examples:\n  megatrain prep corpus/ --out data/demo --vocab-size 4096\n"
+        "  megatrain prep raw/ --out data/fr-en --recipe configs/data/fr-en.yaml --workers 8\n"
+        "  mpiexec -n 4 megatrain prep raw/ --out data/fr-en --recipe configs/data/fr-en.yaml",
+    )
     p.add_argument("inputs", nargs="+", help="input files, directories or globs")
     p.add_argument("--out", required=True, help="output dataset directory")
-    p.add_argument("--recipe", help="YAML recipe: filters, dedup, tokenizer, shards (see configs/data/)")
+    p.add_argument(
+        "--recipe", help="YAML recipe: filters, dedup, tokenizer, shards (see configs/data/)"
+    )
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--vocab-size", type=int, help="train a BPE of this size (default: the recipe's, 32000)")
-    group.add_argument("--tokenizer", help="use this existing tokenizer.json instead of training one")
-    p.add_argument("--text-field", help="JSON field / parquet column holding the text (default text)")
+    group.add_argument(
+        "--vocab-size", type=int, help="train a BPE of this size (default: the recipe's, 32000)"
+    )
+    group.add_argument(
+        "--tokenizer", help="use this existing tokenizer.json instead of training one"
+    )
+    p.add_argument(
+        "--text-field", help="JSON field / parquet column holding the text (default text)"
+    )
     p.add_argument("--shard-tokens", type=int, help="tokens per shard (default: the recipe's, 50M)")
-    p.add_argument("--workers", type=int, default=1,
-                   help="local worker processes (under mpiexec/srun or a Slurm array, the ranks are the workers)")
-    p.add_argument("--force", action="store_true", help="replace an existing dataset or unfinished prep in --out")
-    p.add_argument("--keep-work", action="store_true", help="keep DIR/.prep-work (intermediate files) at the end")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="local worker processes (under mpiexec/srun or a Slurm array, the ranks are the workers)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing dataset or unfinished prep in --out",
+    )
+    p.add_argument(
+        "--keep-work",
+        action="store_true",
+        help="keep DIR/.prep-work (intermediate files) at the end",
+    )
     p.set_defaults(func=cmd_prep)
 
 
 def add_train(sub) -> None:
-    p = sub.add_parser("train", help="train a model from a run config",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Train with DeepSpeed from a YAML run config; key=value arguments override "
-                                   "config keys (e.g. optim.lr=3e-4 run.max_steps=100). Under torchrun or srun "
-                                   "every process runs this; --nproc starts local processes itself.",
-                       epilog="examples:\n  megatrain train configs/tiny.yaml --nproc 2\n"
-                              "  megatrain train configs/tiny.yaml --dry-run model.preset=gopher-117m\n"
-                              "  torchrun --nproc_per_node=4 -m megatrain.cli train configs/tiny.yaml run.max_steps=100")
+    p = sub.add_parser(
+        "train",
+        help="train a model from a run config",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train with DeepSpeed from a YAML run config; key=value arguments override "
+        "config keys (e.g. optim.lr=3e-4 run.max_steps=100). Under torchrun or srun "
+        "every process runs this; --nproc starts local processes itself.",
+        epilog="examples:\n  megatrain train configs/tiny.yaml --nproc 2\n"
+        "  megatrain train configs/tiny.yaml --dry-run model.preset=gopher-117m\n"
+        "  torchrun --nproc_per_node=4 -m megatrain.cli train configs/tiny.yaml run.max_steps=100",
+    )
     p.add_argument("config", help="run config YAML, e.g. configs/tiny.yaml")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    p.add_argument("--nproc", type=int, default=1, help="local processes to start (CPU or GPUs), default 1")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print parameters, FLOPs per token and batch layout as JSON, then exit")
-    p.add_argument("--world-size", type=int, default=0, help="world size to resolve the batch for in --dry-run")
+    p.add_argument(
+        "--nproc", type=int, default=1, help="local processes to start (CPU or GPUs), default 1"
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print parameters, FLOPs per token and batch layout as JSON, then exit",
+    )
+    p.add_argument(
+        "--world-size", type=int, default=0, help="world size to resolve the batch for in --dry-run"
+    )
     p.set_defaults(func=cmd_train)
 
 
 def add_submit(sub) -> None:
-    p = sub.add_parser("submit", help="submit a training run to Slurm (or local processes) through submitit",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Submit `megatrain train CONFIG overrides` as a Slurm job shaped by a cluster "
-                                   "profile (configs/clusters/): one task per GPU, constraint, QoS, account, "
-                                   "modules, a warning signal before the time limit. The job saves a checkpoint "
-                                   "and requeues itself before the limit, and resumes. Without Slurm, it runs as "
-                                   "local processes. For plain sbatch, see slurm/pretrain.sh.",
-                       epilog="examples:\n"
-                              "  megatrain submit configs/my-run.yaml --cluster jean-zay-h100 --nodes 4 --account xyz\n"
-                              "  megatrain submit configs/my-run.yaml --cluster jean-zay-a100 --time 2:00:00 --qos dev --dry-run\n"
-                              "  megatrain submit configs/tiny.yaml --executor local --tasks-per-node 2 --wait")
+    p = sub.add_parser(
+        "submit",
+        help="submit a training run to Slurm (or local processes) through submitit",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Submit `megatrain train CONFIG overrides` as a Slurm job shaped by a cluster "
+        "profile (configs/clusters/): one task per GPU, constraint, QoS, account, "
+        "modules, a warning signal before the time limit. The job saves a checkpoint "
+        "and requeues itself before the limit, and resumes. Without Slurm, it runs as "
+        "local processes. For plain sbatch, see slurm/pretrain.sh.",
+        epilog="examples:\n"
+        "  megatrain submit configs/my-run.yaml --cluster jean-zay-h100 --nodes 4 --account xyz\n"
+        "  megatrain submit configs/my-run.yaml --cluster jean-zay-a100 --time 2:00:00 --qos dev --dry-run\n"
+        "  megatrain submit configs/tiny.yaml --executor local --tasks-per-node 2 --wait",
+    )
     p.add_argument("config", help="run config YAML")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.add_argument("--cluster", help="cluster profile (default: the config's `cluster` key)")
     p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
-    p.add_argument("--tasks-per-node", type=int, help="tasks per node (default: the profile's GPUs per node, or 1)")
-    p.add_argument("--time", default="20:00:00", help="time limit of each job, Slurm format (default 20:00:00)")
+    p.add_argument(
+        "--tasks-per-node",
+        type=int,
+        help="tasks per node (default: the profile's GPUs per node, or 1)",
+    )
+    p.add_argument(
+        "--time", default="20:00:00", help="time limit of each job, Slurm format (default 20:00:00)"
+    )
     p.add_argument("--qos", help="QoS: a short name of the profile (dev, t3, t4) or a full name")
-    p.add_argument("--account", help="project to charge, e.g. xyz (the profile adds its suffix: xyz@h100)")
+    p.add_argument(
+        "--account", help="project to charge, e.g. xyz (the profile adds its suffix: xyz@h100)"
+    )
     p.add_argument("--folder", help="submitit logs and pickles (default RUN_DIR/submitit)")
-    p.add_argument("--executor", choices=["auto", "slurm", "local"], default="auto",
-                   help="auto: Slurm if sbatch exists, else local processes")
-    p.add_argument("--wait", action="store_true", help="wait for the run (through requeues) and report how it ended")
-    p.add_argument("--dry-run", action="store_true", help="print the Slurm parameters as JSON and submit nothing")
+    p.add_argument(
+        "--executor",
+        choices=["auto", "slurm", "local"],
+        default="auto",
+        help="auto: Slurm if sbatch exists, else local processes",
+    )
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait for the run (through requeues) and report how it ended",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the Slurm parameters as JSON and submit nothing",
+    )
     p.set_defaults(func=cmd_submit)
 
 
 def add_report(sub) -> None:
-    p = sub.add_parser("report", help="plots and summary of a run directory",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Read RUN_DIR/metrics.jsonl (written by `megatrain train`), print a summary "
-                                   "(tokens, loss, throughput, MFU, energy, CO2 and how the energy was obtained) "
-                                   "and write RUN_DIR/report/: PNG plots, summary.md and summary.json.",
-                       epilog="example:\n  megatrain report runs/tiny-demo")
+    p = sub.add_parser(
+        "report",
+        help="plots and summary of a run directory",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Read RUN_DIR/metrics.jsonl (written by `megatrain train`), print a summary "
+        "(tokens, loss, throughput, MFU, energy, CO2 and how the energy was obtained) "
+        "and write RUN_DIR/report/: PNG plots, summary.md and summary.json.",
+        epilog="example:\n  megatrain report runs/tiny-demo",
+    )
     p.add_argument("run_dir", help="a run directory (it holds metrics.jsonl)")
     p.set_defaults(func=cmd_report)
 
 
 def add_carbon(sub) -> None:
-    p = sub.add_parser("carbon", help="energy and CO2e of a training run, with the arithmetic shown",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="IT energy (GPU-hours x power per GPU, or measured kWh) x PUE = facility energy; "
-                                   "x grid intensity = CO2e. Prints both the facility and the IT-only CO2e, since "
-                                   "published tables mix them. --cluster takes PUE, intensity and power from "
-                                   "configs/clusters/NAME.yaml; explicit flags win.",
-                       epilog="examples:\n"
-                              "  megatrain carbon --gpu-hours 1082990 --gpu-power-w 400 --pue 1.2 --intensity 57   # BLOOM\n"
-                              "  megatrain carbon --energy-kwh 1066000 --pue 1.08 --intensity 330 --json          # Gopher\n"
-                              "  megatrain carbon --gpu-hours 5000 --cluster local\n"
-                              "  megatrain carbon --published     # BLOOM, Gopher, GPT-3, Llama 3.1 8B recomputed")
+    p = sub.add_parser(
+        "carbon",
+        help="energy and CO2e of a training run, with the arithmetic shown",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="IT energy (GPU-hours x power per GPU, or measured kWh) x PUE = facility energy; "
+        "x grid intensity = CO2e. Prints both the facility and the IT-only CO2e, since "
+        "published tables mix them. --cluster takes PUE, intensity and power from "
+        "configs/clusters/NAME.yaml; explicit flags win.",
+        epilog="examples:\n"
+        "  megatrain carbon --gpu-hours 1082990 --gpu-power-w 400 --pue 1.2 --intensity 57   # BLOOM\n"
+        "  megatrain carbon --energy-kwh 1066000 --pue 1.08 --intensity 330 --json          # Gopher\n"
+        "  megatrain carbon --gpu-hours 5000 --cluster local\n"
+        "  megatrain carbon --published     # BLOOM, Gopher, GPT-3, Llama 3.1 8B recomputed",
+    )
     p.add_argument("--gpu-hours", type=float, help="GPU-hours (or device-hours) of the run")
-    p.add_argument("--gpu-power-w", type=float, help="mean power per GPU in W (measured, or the TDP as an upper bound)")
-    p.add_argument("--energy-kwh", type=float, help="IT energy in kWh (before PUE), instead of hours x power")
-    p.add_argument("--pue", type=float, help="power usage effectiveness (default 1, or the cluster profile's)")
-    p.add_argument("--intensity", type=float, metavar="G",
-                   help="grid intensity in gCO2e/kWh (default 57, France per the BLOOM paper, or the cluster profile's)")
-    p.add_argument("--cluster", metavar="NAME", help="cluster profile: configs/clusters/NAME.yaml or a YAML path")
-    p.add_argument("--json", action="store_true", help="print JSON (energy_kwh_it, energy_kwh_facility, co2_kg, "
-                                                       "co2_kg_it, formula, inputs, sources)")
-    p.add_argument("--published", action="store_true",
-                   help="recompute the published rows (BLOOM, Gopher, GPT-3, Llama 3.1 8B) with notes")
+    p.add_argument(
+        "--gpu-power-w",
+        type=float,
+        help="mean power per GPU in W (measured, or the TDP as an upper bound)",
+    )
+    p.add_argument(
+        "--energy-kwh", type=float, help="IT energy in kWh (before PUE), instead of hours x power"
+    )
+    p.add_argument(
+        "--pue", type=float, help="power usage effectiveness (default 1, or the cluster profile's)"
+    )
+    p.add_argument(
+        "--intensity",
+        type=float,
+        metavar="G",
+        help="grid intensity in gCO2e/kWh (default 57, France per the BLOOM paper, or the cluster profile's)",
+    )
+    p.add_argument(
+        "--cluster",
+        metavar="NAME",
+        help="cluster profile: configs/clusters/NAME.yaml or a YAML path",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print JSON (energy_kwh_it, energy_kwh_facility, co2_kg, "
+        "co2_kg_it, formula, inputs, sources)",
+    )
+    p.add_argument(
+        "--published",
+        action="store_true",
+        help="recompute the published rows (BLOOM, Gopher, GPT-3, Llama 3.1 8B) with notes",
+    )
     p.set_defaults(func=cmd_carbon)
 
 
 def add_config_doc(sub) -> None:
-    p = sub.add_parser("config-doc", help="print the configuration reference (Markdown)",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Render every run-config key (section.key) with its type, default and "
-                                   "docstring, as the Markdown table in docs/config.md.",
-                       epilog="example:\n  megatrain config-doc --out docs/config.md")
+    p = sub.add_parser(
+        "config-doc",
+        help="print the configuration reference (Markdown)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Render every run-config key (section.key) with its type, default and "
+        "docstring, as the Markdown table in docs/config.md.",
+        epilog="example:\n  megatrain config-doc --out docs/config.md",
+    )
     p.add_argument("--out", help="write to this file instead of stdout")
     p.set_defaults(func=cmd_config_doc)
 
@@ -337,8 +507,11 @@ SUBCOMMANDS = [add_prep, add_train, add_submit, add_report, add_carbon, add_conf
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="megatrain", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
-        description="Pretrain GPT-style language models: prepare data, train with DeepSpeed, report cost.")
+        prog="megatrain",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EXAMPLES,
+        description="Pretrain GPT-style language models: prepare data, train with DeepSpeed, report cost.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(sub)
@@ -350,7 +523,9 @@ def main(argv: list[str] | None = None) -> int:
     # overrides may come after options (`train CONFIG --nproc 2 run.max_steps=10`): collect them
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if args.command not in ("train", "submit") or any("=" not in e or e.startswith("-") for e in extra):
+        if args.command not in ("train", "submit") or any(
+            "=" not in e or e.startswith("-") for e in extra
+        ):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides += extra
     try:

@@ -10,6 +10,7 @@ renders into docs/config.md. Loading goes:
 so a typo such as `optim.learning_rate=1e-3` stops the run at once with
 "unknown key 'optim.learning_rate'; did you mean 'optim.lr'?".
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -266,7 +267,11 @@ class ClusterProfile:
 
 def load_cluster(name_or_path: str) -> ClusterProfile:
     """Load configs/clusters/<name>.yaml (or a path to a YAML file)."""
-    path = Path(name_or_path) if name_or_path.endswith((".yaml", ".yml")) else find_preset("clusters", name_or_path)
+    path = (
+        Path(name_or_path)
+        if name_or_path.endswith((".yaml", ".yml"))
+        else find_preset("clusters", name_or_path)
+    )
     data = read_yaml(path)
     data.setdefault("name", path.stem)
     try:
@@ -310,8 +315,11 @@ class Config:
 
 def configs_root() -> Path:
     """The configs/ directory: $MEGATRAIN_CONFIGS, else ./configs, else the one beside the package."""
-    for candidate in (os.environ.get("MEGATRAIN_CONFIGS"), "configs",
-                      Path(__file__).resolve().parent.parent / "configs"):
+    for candidate in (
+        os.environ.get("MEGATRAIN_CONFIGS"),
+        "configs",
+        Path(__file__).resolve().parent.parent / "configs",
+    ):
         if candidate and Path(candidate, "models").is_dir():
             return Path(candidate)
     raise ConfigError("cannot find the configs/ directory; set MEGATRAIN_CONFIGS to its path")
@@ -324,8 +332,11 @@ def find_preset(kind: str, name: str) -> Path:
     if not path.is_file():
         names = sorted(p.stem for p in folder.glob("*.yaml"))
         hint = difflib.get_close_matches(name, names, n=1)
-        raise ConfigError(f"no {kind} preset '{name}' in {folder}"
-                          + (f"; did you mean '{hint[0]}'?" if hint else "") + f" (available: {', '.join(names)})")
+        raise ConfigError(
+            f"no {kind} preset '{name}' in {folder}"
+            + (f"; did you mean '{hint[0]}'?" if hint else "")
+            + f" (available: {', '.join(names)})"
+        )
     return path
 
 
@@ -354,14 +365,22 @@ def validate(cfg: Config) -> None:
         if getattr(m, key) <= 0:
             raise ConfigError(f"'model.{key}' must be positive, got {getattr(m, key)}")
     if m.d_model % m.n_head:
-        raise ConfigError(f"'model.d_model' ({m.d_model}) must be divisible by 'model.n_head' ({m.n_head})")
+        raise ConfigError(
+            f"'model.d_model' ({m.d_model}) must be divisible by 'model.n_head' ({m.n_head})"
+        )
     kv = m.n_kv_head or m.n_head
     if m.n_head % kv:
-        raise ConfigError(f"'model.n_head' ({m.n_head}) must be divisible by 'model.n_kv_head' ({kv})")
+        raise ConfigError(
+            f"'model.n_head' ({m.n_head}) must be divisible by 'model.n_kv_head' ({kv})"
+        )
     if m.position == "rope" and (m.d_model // m.n_head) % 2:
-        raise ConfigError("rotary positions need an even head size: change 'model.d_model' or 'model.n_head'")
+        raise ConfigError(
+            "rotary positions need an even head size: change 'model.d_model' or 'model.n_head'"
+        )
     if not cfg.data.sources:
-        raise ConfigError("'data.sources' is empty: give at least one dataset, e.g. data.sources.0.path=data/demo")
+        raise ConfigError(
+            "'data.sources' is empty: give at least one dataset, e.g. data.sources.0.path=data/demo"
+        )
     for i, src in enumerate(cfg.data.sources):
         if not src.path:
             raise ConfigError(f"'data.sources.{i}.path' is empty")
@@ -372,7 +391,9 @@ def validate(cfg: Config) -> None:
     if not 0 <= cfg.data.val_fraction < 1:
         raise ConfigError(f"'data.val_fraction' must be in [0, 1), got {cfg.data.val_fraction}")
     if cfg.parallel.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"'parallel.zero_stage' must be 0, 1, 2 or 3, got {cfg.parallel.zero_stage}")
+        raise ConfigError(
+            f"'parallel.zero_stage' must be 0, 1, 2 or 3, got {cfg.parallel.zero_stage}"
+        )
     if cfg.parallel.offload_params != "none" and cfg.parallel.zero_stage != 3:
         raise ConfigError("'parallel.offload_params' needs 'parallel.zero_stage: 3'")
     if cfg.parallel.tensor < 1:
@@ -384,7 +405,9 @@ def validate(cfg: Config) -> None:
     if cfg.run.max_restarts < 0:
         raise ConfigError(f"'run.max_restarts' must be 0 or more, got {cfg.run.max_restarts}")
     if cfg.optim.min_lr > cfg.optim.lr:
-        raise ConfigError(f"'optim.min_lr' ({cfg.optim.min_lr}) is above 'optim.lr' ({cfg.optim.lr})")
+        raise ConfigError(
+            f"'optim.min_lr' ({cfg.optim.min_lr}) is above 'optim.lr' ({cfg.optim.lr})"
+        )
 
 
 @dataclass
@@ -411,25 +434,33 @@ def resolve_batch(cfg: Config, dp_size: int) -> BatchLayout:
     target = b.global_batch
     if b.global_tokens:
         if b.global_tokens % seq:
-            raise ConfigError(f"'batch.global_tokens' ({b.global_tokens}) is not a multiple of "
-                              f"'data.seq_len' ({seq})")
+            raise ConfigError(
+                f"'batch.global_tokens' ({b.global_tokens}) is not a multiple of "
+                f"'data.seq_len' ({seq})"
+            )
         if target and target != b.global_tokens // seq:
-            raise ConfigError("'batch.global_batch' and 'batch.global_tokens' disagree; set only one")
+            raise ConfigError(
+                "'batch.global_batch' and 'batch.global_tokens' disagree; set only one"
+            )
         target = b.global_tokens // seq
     if b.grad_accum:
         layout = BatchLayout(b.micro_batch, b.grad_accum, dp_size, seq)
         if target and layout.global_batch != target:
-            raise ConfigError(f"micro_batch {b.micro_batch} x grad_accum {b.grad_accum} x {dp_size} ranks = "
-                              f"{layout.global_batch} sequences, but the global batch asked for is {target}; "
-                              "drop 'batch.grad_accum' to derive it")
+            raise ConfigError(
+                f"micro_batch {b.micro_batch} x grad_accum {b.grad_accum} x {dp_size} ranks = "
+                f"{layout.global_batch} sequences, but the global batch asked for is {target}; "
+                "drop 'batch.grad_accum' to derive it"
+            )
         return layout
     if not target:
         return BatchLayout(b.micro_batch, 1, dp_size, seq)
     per_step = b.micro_batch * dp_size
     if target % per_step:
-        raise ConfigError(f"global batch {target} sequences is not divisible by micro_batch {b.micro_batch} x "
-                          f"{dp_size} data-parallel ranks = {per_step}; change 'batch.micro_batch' or the "
-                          "global batch")
+        raise ConfigError(
+            f"global batch {target} sequences is not divisible by micro_batch {b.micro_batch} x "
+            f"{dp_size} data-parallel ranks = {per_step}; change 'batch.micro_batch' or the "
+            "global batch"
+        )
     return BatchLayout(b.micro_batch, target // per_step, dp_size, seq)
 
 
@@ -438,14 +469,26 @@ def resolve_batch(cfg: Config, dp_size: int) -> BatchLayout:
 
 def config_reference() -> str:
     """Markdown reference of every config key, generated from the docstrings above."""
-    lines = ["# Configuration reference", "",
-             "Generated by `megatrain config-doc` from megatrain/config.py; do not edit by hand.", ""]
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated by `megatrain config-doc` from megatrain/config.py; do not edit by hand.",
+        "",
+    ]
 
     def section(cls: type, prefix: str) -> None:
         docs = field_docs(cls)
         nested = []
-        lines.extend([f"## `{prefix or 'top level'}`", "", inspect.cleandoc(cls.__doc__ or ""), "",
-                      "| key | type | default | meaning |", "| --- | --- | --- | --- |"])
+        lines.extend(
+            [
+                f"## `{prefix or 'top level'}`",
+                "",
+                inspect.cleandoc(cls.__doc__ or ""),
+                "",
+                "| key | type | default | meaning |",
+                "| --- | --- | --- | --- |",
+            ]
+        )
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             tp = hints[f.name]
@@ -465,6 +508,11 @@ def config_reference() -> str:
             section(cls2, pfx)
 
     section(Config, "")
-    lines += ["# Cluster profiles", "", "Files in configs/clusters/, named by the run's `cluster` key.", ""]
+    lines += [
+        "# Cluster profiles",
+        "",
+        "Files in configs/clusters/, named by the run's `cluster` key.",
+        "",
+    ]
     section(ClusterProfile, "clusters/<name>.yaml")
     return "\n".join(lines) + "\n"

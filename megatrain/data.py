@@ -14,6 +14,7 @@ A run's data position is therefore one integer, `consumed_samples`, and a checkp
 Permutations are computed on the fly (a Feistel network with cycle walking), so memory does
 not grow with the dataset: a trillion-token corpus costs the same few bytes as the demo's.
 """
+
 from __future__ import annotations
 
 import math
@@ -97,8 +98,10 @@ class PackedSamples:
         self.num_val = math.ceil(self.num_samples * val_fraction) if val_fraction > 0 else 0
         self.num_train = self.num_samples - self.num_val
         if self.num_train < 1:
-            raise ValueError(f"{dataset.directory}: {dataset.num_tokens} tokens make {self.num_samples} samples of "
-                             f"{seq_len} tokens, none left for training; lower data.seq_len or add data")
+            raise ValueError(
+                f"{dataset.directory}: {dataset.num_tokens} tokens make {self.num_samples} samples of "
+                f"{seq_len} tokens, none left for training; lower data.seq_len or add data"
+            )
         self._split = Permutation(self.num_samples, seed)  # positions [0, num_val) are held out
         self._seed = seed
 
@@ -134,14 +137,20 @@ class Mixture:
         quota = np.floor(w * period).astype(np.int64)
         for d in np.argsort(-(w * period - quota), kind="stable")[: period - quota.sum()]:
             quota[d] += 1
-        pattern, seen, credit = np.empty(period, np.int64), np.zeros(len(w), np.int64), np.zeros(len(w))
+        pattern, seen, credit = (
+            np.empty(period, np.int64),
+            np.zeros(len(w), np.int64),
+            np.zeros(len(w)),
+        )
         for slot in range(period):
             credit += quota
             d = int(np.argmax(credit))
             credit[d] -= period
             pattern[slot] = d
         self.weights, self.period, self.quota, self.pattern = w, period, quota, pattern
-        self.rank_in_slot = np.empty(period, np.int64)  # how many earlier slots went to the same dataset
+        self.rank_in_slot = np.empty(
+            period, np.int64
+        )  # how many earlier slots went to the same dataset
         for slot, d in enumerate(pattern):
             self.rank_in_slot[slot] = seen[d]
             seen[d] += 1
@@ -154,7 +163,7 @@ class Mixture:
 
 @dataclass
 class Batch:
-    inputs: torch.Tensor   # (micro_batch, seq_len) token ids
+    inputs: torch.Tensor  # (micro_batch, seq_len) token ids
     targets: torch.Tensor  # inputs shifted by one
 
 
@@ -166,8 +175,16 @@ class DataLoader:
     A background thread stays `prefetch` steps ahead.
     """
 
-    def __init__(self, sources: list[PackedSamples], weights: list[float], layout: BatchLayout,
-                 dp_rank: int, consumed_samples: int = 0, prefetch: int = 2, device: str = "cpu"):
+    def __init__(
+        self,
+        sources: list[PackedSamples],
+        weights: list[float],
+        layout: BatchLayout,
+        dp_rank: int,
+        consumed_samples: int = 0,
+        prefetch: int = 2,
+        device: str = "cpu",
+    ):
         self.sources, self.layout, self.dp_rank = sources, layout, dp_rank
         self.mixture = Mixture(weights)
         self.consumed_samples = consumed_samples
@@ -195,10 +212,13 @@ class DataLoader:
         tokens = torch.from_numpy(rows)
         out = []
         for m in range(L.grad_accum):
-            chunk = tokens[m * L.micro_batch:(m + 1) * L.micro_batch]
+            chunk = tokens[m * L.micro_batch : (m + 1) * L.micro_batch]
             x, y = chunk[:, :-1], chunk[:, 1:]
             if self.device.type == "cuda":
-                x, y = x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+                x, y = (
+                    x.pin_memory().to(self.device, non_blocking=True),
+                    y.pin_memory().to(self.device, non_blocking=True),
+                )
             out.append(Batch(x, y))
         return out
 
@@ -234,8 +254,14 @@ class DataLoader:
 IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index: padding rows add no loss
 
 
-def validation_batches(sources: list[PackedSamples], weights: list[float], total_samples: int,
-                       micro_batch: int, dp_rank: int, dp_size: int) -> list[Batch]:
+def validation_batches(
+    sources: list[PackedSamples],
+    weights: list[float],
+    total_samples: int,
+    micro_batch: int,
+    dp_rank: int,
+    dp_size: int,
+) -> list[Batch]:
     """This rank's share of a fixed validation set (the same samples whatever the world size).
 
     Every rank gets the same number of micro-batches (ZeRO-3 needs all ranks in every forward);
@@ -253,5 +279,8 @@ def validation_batches(sources: list[PackedSamples], weights: list[float], total
     tokens = torch.from_numpy(np.stack(mine + [rows[0].astype(np.int64)] * padding))
     inputs, targets = tokens[:, :-1], tokens[:, 1:].clone()
     if padding:
-        targets[len(mine):] = IGNORE_INDEX
-    return [Batch(inputs[i:i + micro_batch], targets[i:i + micro_batch]) for i in range(0, per_rank, micro_batch)]
+        targets[len(mine) :] = IGNORE_INDEX
+    return [
+        Batch(inputs[i : i + micro_batch], targets[i : i + micro_batch])
+        for i in range(0, per_rank, micro_batch)
+    ]

@@ -17,6 +17,7 @@ Who counts what (no device may be counted twice once the trainer all-reduces the
   - Estimates are per process (the fallback power is a per-process figure).
 Both counters see everything on the device, other jobs included: exclusive nodes/GPUs assumed.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -32,15 +33,16 @@ Clock = Callable[[], float]
 
 @dataclass(frozen=True)
 class EnergySample:
-    joules: float      # IT energy of the devices this meter measures, since it started
-    power_w: float     # mean power over the interval since the previous read()
-    method: str        # "nvml" | "rapl" | "estimate"
-    elapsed_s: float   # since the meter started
+    joules: float  # IT energy of the devices this meter measures, since it started
+    power_w: float  # mean power over the interval since the previous read()
+    method: str  # "nvml" | "rapl" | "estimate"
+    elapsed_s: float  # since the meter started
 
 
 class EnergyMeter(Protocol):
     method: str
-    reason: str        # one line saying what is measured and why this method
+    reason: str  # one line saying what is measured and why this method
+
     def read(self) -> EnergySample: ...
 
 
@@ -104,7 +106,9 @@ class NvmlMeter(_Cumulative):
     method = "nvml"
     _FALLBACK_ERRORS = ("NVML_ERROR_NOT_SUPPORTED", "NVML_ERROR_FUNCTION_NOT_FOUND")
 
-    def __init__(self, device_indices: Sequence[int | str], nvml=None, clock: Clock = time.monotonic):
+    def __init__(
+        self, device_indices: Sequence[int | str], nvml=None, clock: Clock = time.monotonic
+    ):
         self._nvml = nvml if nvml is not None else importlib.import_module("pynvml")  # nvidia-ml-py
         self._nvml.nvmlInit()
         self._handles = [self._handle(d) for d in device_indices]
@@ -112,11 +116,16 @@ class NvmlMeter(_Cumulative):
         super().__init__(clock)
         # power-integration state for the devices without a counter
         self._power_j = [0.0] * len(self._handles)
-        self._power_w = [self._power(h) if s is None else 0.0 for h, s in zip(self._handles, self._start_mj)]
+        self._power_w = [
+            self._power(h) if s is None else 0.0 for h, s in zip(self._handles, self._start_mj)
+        ]
         self._power_t = self._t0
         integrated = [str(d) for d, s in zip(device_indices, self._start_mj) if s is None]
-        self.reason = (f"nvml: energy counter of GPU {', '.join(map(str, device_indices))}" if not integrated
-                       else f"nvml: power integrated at each read (no energy counter) on GPU {', '.join(integrated)}")
+        self.reason = (
+            f"nvml: energy counter of GPU {', '.join(map(str, device_indices))}"
+            if not integrated
+            else f"nvml: power integrated at each read (no energy counter) on GPU {', '.join(integrated)}"
+        )
 
     def _handle(self, device: int | str):
         if isinstance(device, str):
@@ -169,7 +178,9 @@ def nvml_device_for_cuda(cuda_index: int) -> int | str:
         uuid = ""
     if uuid:
         return uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}"
-    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    visible = [
+        v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()
+    ]
     if cuda_index < len(visible):
         entry = visible[cuda_index]
         return int(entry) if entry.isdigit() else entry
@@ -193,8 +204,12 @@ class RaplMeter(_Cumulative):
 
     method = "rapl"
 
-    def __init__(self, root: str | os.PathLike = "/sys/class/powercap", include_dram: bool = False,
-                 clock: Clock = time.monotonic):
+    def __init__(
+        self,
+        root: str | os.PathLike = "/sys/class/powercap",
+        include_dram: bool = False,
+        clock: Clock = time.monotonic,
+    ):
         root = Path(root)
         zones = []
         for top in sorted(root.glob("intel-rapl:*")):
@@ -202,7 +217,11 @@ class RaplMeter(_Cumulative):
                 continue
             zones.append(top)
             if include_dram:
-                zones += [z for z in sorted(root.glob(f"{top.name}:*")) if _read_text(z / "name") == "dram"]
+                zones += [
+                    z
+                    for z in sorted(root.glob(f"{top.name}:*"))
+                    if _read_text(z / "name") == "dram"
+                ]
         if not zones:
             raise MeterUnavailable(f"no RAPL package zone under {root}")
         self._zones = zones
@@ -242,9 +261,16 @@ def _read_uj(path: Path) -> int:
         raise MeterUnavailable(f"RAPL not readable: {path} ({why})") from e
 
 
-def make_meter(device: str, local_rank: int, fallback_power_w: float, *,
-               fallback_source: str = "fallback", rapl_root: str | os.PathLike = "/sys/class/powercap",
-               nvml=None, clock: Clock = time.monotonic) -> EnergyMeter:
+def make_meter(
+    device: str,
+    local_rank: int,
+    fallback_power_w: float,
+    *,
+    fallback_source: str = "fallback",
+    rapl_root: str | os.PathLike = "/sys/class/powercap",
+    nvml=None,
+    clock: Clock = time.monotonic,
+) -> EnergyMeter:
     """The best meter for this process; never raises. `meter.reason` says what and why, e.g.
     "energy: estimate (no NVML: ...; RAPL not readable: permission denied on ...); 35 W per process".
 
@@ -268,12 +294,21 @@ def make_meter(device: str, local_rank: int, fallback_power_w: float, *,
             if local_rank == 0:
                 meter.reason = f"energy: {meter.reason}; local rank 0 reports the whole node"
                 return meter
-            return ZeroMeter("rapl", f"energy: rapl counted by local rank 0 of this node; "
-                                     f"local rank {local_rank} reports 0 J", clock=clock)
+            return ZeroMeter(
+                "rapl",
+                f"energy: rapl counted by local rank 0 of this node; "
+                f"local rank {local_rank} reports 0 J",
+                clock=clock,
+            )
         except MeterUnavailable as e:
             tried.append(str(e))
-    return EstimateMeter(fallback_power_w, clock=clock, reason=(
-        f"energy: estimate ({'; '.join(tried)}); {fallback_power_w:g} W per process from {fallback_source}"))
+    return EstimateMeter(
+        fallback_power_w,
+        clock=clock,
+        reason=(
+            f"energy: estimate ({'; '.join(tried)}); {fallback_power_w:g} W per process from {fallback_source}"
+        ),
+    )
 
 
 def _local_cuda_index(local_rank: int) -> int:

@@ -7,6 +7,7 @@
 - `max_bad_steps` bad steps in a row: roll back to the last checkpoint and skip the data that
   was read since (the usual culprit), as PaLM and OPT did by hand.
 """
+
 from __future__ import annotations
 
 import math
@@ -53,5 +54,7 @@ class StabilityGuard:
         self.bad_streak = 0
         self.rollbacks += 1
         if self.rollbacks > self.cfg.max_rollbacks:
-            raise TooManyRollbacks(f"{self.rollbacks} rollbacks in this job (guard.max_rollbacks = "
-                                   f"{self.cfg.max_rollbacks}); lower the learning rate or inspect the data")
+            raise TooManyRollbacks(
+                f"{self.rollbacks} rollbacks in this job (guard.max_rollbacks = "
+                f"{self.cfg.max_rollbacks}); lower the learning rate or inspect the data"
+            )

@@ -14,6 +14,7 @@ Inside:
   requeue_decision(), finish_job()    requeue after a signal-stop, with a log line and an event each time
   submit(), TrainJob                  the same job through submitit (Slurm, or local processes without Slurm)
 """
+
 from __future__ import annotations
 
 import json
@@ -32,7 +33,7 @@ import submitit
 # preemption, and what some clusters send alone.
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
 _received: str | None = None  # first stop signal this process got
-_agreed: str | None = None    # a stop signal some rank got, once StopRequest.agree() said so
+_agreed: str | None = None  # a stop signal some rank got, once StopRequest.agree() said so
 
 
 def _record(signum, frame) -> None:
@@ -92,7 +93,9 @@ def expand_nodelist(nodelist: str) -> list[str]:
                 choices = []
                 for item in part[1:-1].split(","):
                     lo, _, hi = item.partition("-")
-                    choices += [str(i).zfill(len(lo)) for i in range(int(lo), int(hi) + 1)] if hi else [lo]
+                    choices += (
+                        [str(i).zfill(len(lo)) for i in range(int(lo), int(hi) + 1)] if hi else [lo]
+                    )
             names = [n + c for n in names for c in choices]
         hosts += names
     return hosts
@@ -116,22 +119,27 @@ def rendezvous(environ=os.environ) -> tuple[str, int]:
 # ----------------------------------------------------------------------------- requeue
 
 
-def requeue_decision(signal_name: str, restarts: int, max_restarts: int, job_state: str) -> tuple[bool, str]:
+def requeue_decision(
+    signal_name: str, restarts: int, max_restarts: int, job_state: str
+) -> tuple[bool, str]:
     """Whether to requeue a job that a signal stopped, and why (pure: unit-tested)."""
     if job_state and job_state != "RUNNING":
         # `scancel`, the time limit itself or a preemption: Slurm is already ending the job (and
         # requeues it itself if preemption says so). A user's scancel must stay a cancel.
         return False, f"Slurm is ending the job (state {job_state}); rerun the same job to resume"
     if restarts >= max_restarts:
-        return False, (f"restart cap reached ({restarts} restarts, run.max_restarts={max_restarts}); "
-                       "submit the job again to continue")
+        return False, (
+            f"restart cap reached ({restarts} restarts, run.max_restarts={max_restarts}); "
+            "submit the job again to continue"
+        )
     return True, f"{signal_name} before the time limit"
 
 
 def _job_state(job_id: str) -> str:
     try:
-        out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True,
-                             timeout=60).stdout
+        out = subprocess.run(
+            ["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=60
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return ""
     m = re.search(r"\bJobState=(\S+)", out)
@@ -149,10 +157,14 @@ def append_event(run_dir: Path, record: dict) -> None:
 
 
 def _wandb_note(run_dir: Path) -> None:
-    runs = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))  # one per job of the run
+    runs = sorted(
+        p.name for p in (run_dir / "wandb").glob("offline-run-*")
+    )  # one per job of the run
     if runs:
         sync = f"wandb sync {run_dir / 'wandb'}/offline-run-*"
-        append_event(run_dir, {"event": "wandb_offline", "run": runs[-1], "runs": len(runs), "sync": sync})
+        append_event(
+            run_dir, {"event": "wandb_offline", "run": runs[-1], "runs": len(runs), "sync": sync}
+        )
         print(f"megatrain: W&B ran offline; from a login node with internet: {sync}", flush=True)
 
 
@@ -173,21 +185,43 @@ def finish_job(cfg, summary: dict, rank: int) -> bool:
 def _requeue(cfg, summary: dict) -> bool:
     run_dir, sig, job = cfg.run_dir, stop_signal(), os.environ.get("SLURM_JOB_ID")
     if not job:
-        append_event(run_dir, {"event": "requeue_skipped", "signal": sig,
-                               "reason": "not a Slurm job; rerun the same command to resume"})
+        append_event(
+            run_dir,
+            {
+                "event": "requeue_skipped",
+                "signal": sig,
+                "reason": "not a Slurm job; rerun the same command to resume",
+            },
+        )
         return False
     restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
     ok, reason = requeue_decision(sig, restarts, cfg.run.max_restarts, _job_state(job))
     if not ok:
-        append_event(run_dir, {"event": "requeue_skipped", "job_id": job, "signal": sig, "reason": reason})
+        append_event(
+            run_dir, {"event": "requeue_skipped", "job_id": job, "signal": sig, "reason": reason}
+        )
         print(f"megatrain: not requeueing Slurm job {job}: {reason}", flush=True)
         return False
-    append_event(run_dir, {"event": "requeued", "job_id": job, "signal": sig, "step": summary.get("steps"),
-                           "restart": restarts + 1, "max_restarts": cfg.run.max_restarts})
-    print(f"megatrain: requeueing Slurm job {job} after {reason} (restart {restarts + 1} of at most "
-          f"{cfg.run.max_restarts}); it resumes from step {summary.get('steps')}", flush=True)
+    append_event(
+        run_dir,
+        {
+            "event": "requeued",
+            "job_id": job,
+            "signal": sig,
+            "step": summary.get("steps"),
+            "restart": restarts + 1,
+            "max_restarts": cfg.run.max_restarts,
+        },
+    )
+    print(
+        f"megatrain: requeueing Slurm job {job} after {reason} (restart {restarts + 1} of at most "
+        f"{cfg.run.max_restarts}); it resumes from step {summary.get('steps')}",
+        flush=True,
+    )
     try:
-        proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            ["scontrol", "requeue", job], capture_output=True, text=True, timeout=120
+        )
         error = proc.stderr.strip() if proc.returncode else ""
     except (OSError, subprocess.SubprocessError) as e:
         error = repr(e)
@@ -231,25 +265,43 @@ def choose_qos(slurm, qos: str | None, time_min: int) -> str | None:
     default = slurm.default_qos
     if default in slurm.qos and time_min <= 60 * limits.get(default, float("inf")):
         return slurm.qos[default]
-    fitting = sorted((h, k) for k, h in limits.items() if k in slurm.qos and time_min <= 60 * h and k != "dev")
+    fitting = sorted(
+        (h, k) for k, h in limits.items() if k in slurm.qos and time_min <= 60 * h and k != "dev"
+    )
     if not fitting:
-        raise ConfigError(f"a {time_min}-minute job fits no QoS of this cluster "
-                          f"({', '.join(f'{slurm.qos[k]} <= {h:g} h' for k, h in limits.items())})")
+        raise ConfigError(
+            f"a {time_min}-minute job fits no QoS of this cluster "
+            f"({', '.join(f'{slurm.qos[k]} <= {h:g} h' for k, h in limits.items())})"
+        )
     return slurm.qos[fitting[0][1]]
 
 
 def job_setup(profile) -> list[str]:
     """Shell lines a job runs before Python: the profile's modules and set-up, then two exports."""
-    lines = ["module purge", *(f"module load {m}" for m in profile.modules)] if profile.modules else []
-    return lines + list(profile.setup) + [
-        # Slurm 22.05+ srun no longer inherits sbatch's --cpus-per-task: pass it on, or every task gets one core
-        "export SRUN_CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-1}",
-        "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}",
-    ]
+    lines = (
+        ["module purge", *(f"module load {m}" for m in profile.modules)] if profile.modules else []
+    )
+    return (
+        lines
+        + list(profile.setup)
+        + [
+            # Slurm 22.05+ srun no longer inherits sbatch's --cpus-per-task: pass it on, or every task gets one core
+            "export SRUN_CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-1}",
+            "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}",
+        ]
+    )
 
 
-def slurm_parameters(profile, *, nodes: int = 1, tasks_per_node: int | None = None, time_min: int = 1200,
-                     qos: str | None = None, account: str | None = None, job_name: str = "megatrain") -> dict:
+def slurm_parameters(
+    profile,
+    *,
+    nodes: int = 1,
+    tasks_per_node: int | None = None,
+    time_min: int = 1200,
+    qos: str | None = None,
+    account: str | None = None,
+    job_name: str = "megatrain",
+) -> dict:
     """sbatch options for `nodes` nodes of a cluster profile, one task per GPU, as submitit
     SlurmExecutor parameters (the same flags slurm/pretrain.sh documents)."""
     s = profile.slurm
@@ -260,9 +312,16 @@ def slurm_parameters(profile, *, nodes: int = 1, tasks_per_node: int | None = No
     for flag in s.extra:  # "--exclusive", "--mem=0"
         key, _, value = flag.lstrip("-").partition("=")
         extra[key.replace("-", "_")] = value or True
-    params = {"job_name": job_name, "nodes": nodes, "ntasks_per_node": tpn, "time": time_min,
-              "signal_delay_s": s.signal_s, "setup": job_setup(profile), "additional_parameters": extra,
-              "srun_args": ["--kill-on-bad-exit=1"]}  # a crashed rank stops the others, not a hang
+    params = {
+        "job_name": job_name,
+        "nodes": nodes,
+        "ntasks_per_node": tpn,
+        "time": time_min,
+        "signal_delay_s": s.signal_s,
+        "setup": job_setup(profile),
+        "additional_parameters": extra,
+        "srun_args": ["--kill-on-bad-exit=1"],
+    }  # a crashed rank stops the others, not a hang
     if s.cpus_per_task:
         params["cpus_per_task"] = s.cpus_per_task
     if profile.gpus_per_node:
@@ -292,9 +351,14 @@ class TrainJob(submitit.helpers.Checkpointable):
         catch_stop_signals()  # replaces submitit's own USR2 handler, which would exit mid-step
         env = submitit.JobEnvironment()
         if env.cluster != "slurm":  # local executor: torch's variables from submitit's
-            os.environ.update(RANK=str(env.global_rank), WORLD_SIZE=str(env.num_tasks),
-                              LOCAL_RANK=str(env.local_rank), LOCAL_WORLD_SIZE=str(env.num_tasks),
-                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(10000 + int(env.raw_job_id) % 20000))
+            os.environ.update(
+                RANK=str(env.global_rank),
+                WORLD_SIZE=str(env.num_tasks),
+                LOCAL_RANK=str(env.local_rank),
+                LOCAL_WORLD_SIZE=str(env.num_tasks),
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(10000 + int(env.raw_job_id) % 20000),
+            )
         import torch.distributed as dist
 
         from megatrain.train import train
@@ -320,16 +384,30 @@ def prepare(config, overrides=(), cluster: str | None = None):
         cfg = config
         cfg.cluster = cluster or cfg.cluster
     else:
-        wandb = [] if any(o.startswith("wandb.mode=") for o in overrides) else ["wandb.mode=offline"]
-        cfg = load_config(config, [*wandb, *overrides, *([f"cluster={cluster}"] if cluster else [])])
+        wandb = (
+            [] if any(o.startswith("wandb.mode=") for o in overrides) else ["wandb.mode=offline"]
+        )
+        cfg = load_config(
+            config, [*wandb, *overrides, *([f"cluster={cluster}"] if cluster else [])]
+        )
     for src in cfg.data.sources:
         Manifest.read(src.path)
     return cfg
 
 
-def submit(config, overrides=(), *, cluster: str | None = None, nodes: int = 1, tasks_per_node: int | None = None,
-           time_min: int = 1200, qos: str | None = None, account: str | None = None, folder=None,
-           executor: str = "auto") -> submitit.Job:
+def submit(
+    config,
+    overrides=(),
+    *,
+    cluster: str | None = None,
+    nodes: int = 1,
+    tasks_per_node: int | None = None,
+    time_min: int = 1200,
+    qos: str | None = None,
+    account: str | None = None,
+    folder=None,
+    executor: str = "auto",
+) -> submitit.Job:
     """Submit a training run and return its submitit job: `job.results()` waits (through requeues)
     and returns every task's summary, or raises the job's error with its traceback.
 
@@ -345,13 +423,26 @@ def submit(config, overrides=(), *, cluster: str | None = None, nodes: int = 1, 
     folder = Path(folder or cfg.run_dir / "submitit")
     if kind == "slurm":
         ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=cfg.run.max_restarts)
-        ex.update_parameters(**slurm_parameters(profile, nodes=nodes, tasks_per_node=tpn, time_min=time_min,
-                                                qos=qos, account=account, job_name=cfg.run.name))
+        ex.update_parameters(
+            **slurm_parameters(
+                profile,
+                nodes=nodes,
+                tasks_per_node=tpn,
+                time_min=time_min,
+                qos=qos,
+                account=account,
+                job_name=cfg.run.name,
+            )
+        )
     elif kind == "local":
         if nodes != 1:
-            raise ConfigError(f"the local executor runs on this machine only; asked for {nodes} nodes")
+            raise ConfigError(
+                f"the local executor runs on this machine only; asked for {nodes} nodes"
+            )
         ex = submitit.LocalExecutor(folder=folder)
-        ex.update_parameters(tasks_per_node=tpn, timeout_min=time_min, signal_delay_s=profile.slurm.signal_s)
+        ex.update_parameters(
+            tasks_per_node=tpn, timeout_min=time_min, signal_delay_s=profile.slurm.signal_s
+        )
     else:
         raise ConfigError(f"executor must be 'slurm', 'local' or 'auto', got {executor!r}")
     return ex.submit(TrainJob(cfg))

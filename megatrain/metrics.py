@@ -13,6 +13,7 @@ begin_optimizer, end_step). On CPU these are perf_counter readings. On GPU the w
 asynchronously, so forward/backward and optimizer times are CUDA events recorded on the stream
 (no synchronization) and read once per log interval, after a single torch.cuda.synchronize().
 """
+
 from __future__ import annotations
 
 import time
@@ -28,8 +29,12 @@ def mfu(flops_per_token: float, tokens_per_s_per_device: float, peak_flops: floa
     return flops_per_token * tokens_per_s_per_device / peak_flops if peak_flops > 0 else 0.0
 
 
-def resolve_peak(precision: str, detected: hardware.Accelerator, override_tflops: dict[str, float],
-                 profile_accelerator: str = "") -> tuple[float, str]:
+def resolve_peak(
+    precision: str,
+    detected: hardware.Accelerator,
+    override_tflops: dict[str, float],
+    profile_accelerator: str = "",
+) -> tuple[float, str]:
     """Dense peak FLOP/s per device for MFU, and a line saying where it comes from.
 
     Order: the cluster profile's `peak_tflops[precision]` (a measured or negotiated figure beats
@@ -38,7 +43,9 @@ def resolve_peak(precision: str, detected: hardware.Accelerator, override_tflops
     is known: MFU is then left out of the records rather than computed against a made-up number.
     """
     if override_tflops.get(precision):
-        return override_tflops[precision] * 1e12, f"cluster profile peak_tflops.{precision} = {override_tflops[precision]:g}"
+        return override_tflops[
+            precision
+        ] * 1e12, f"cluster profile peak_tflops.{precision} = {override_tflops[precision]:g}"
     candidates = [detected, hardware.ACCELERATORS.get(profile_accelerator)]
     for accel in candidates:
         if accel is None:
@@ -48,8 +55,14 @@ def resolve_peak(precision: str, detected: hardware.Accelerator, override_tflops
         except ValueError:
             continue
         rough = ", rough" if accel.rough else ""
-        return flops, f"{accel.name} dense {precision} peak {flops / 1e12:g} TFLOP/s (megatrain/hardware.py{rough})"
-    return 0.0, f"no {precision} peak known for {detected.name}: MFU not reported (set peak_tflops in the cluster profile)"
+        return (
+            flops,
+            f"{accel.name} dense {precision} peak {flops / 1e12:g} TFLOP/s (megatrain/hardware.py{rough})",
+        )
+    return (
+        0.0,
+        f"no {precision} peak known for {detected.name}: MFU not reported (set peak_tflops in the cluster profile)",
+    )
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -76,9 +89,22 @@ class StepMetrics:
     of earlier jobs of the same run, so that cumulative figures continue.
     """
 
-    def __init__(self, *, tokens_per_step: int, world_size: int, flops_per_token: float, peak_flops: float,
-                 meter, pue: float, intensity_g_per_kwh: float, device: torch.device, max_steps: int,
-                 first_step: int, resumed: dict | None = None, clock=time.perf_counter):
+    def __init__(
+        self,
+        *,
+        tokens_per_step: int,
+        world_size: int,
+        flops_per_token: float,
+        peak_flops: float,
+        meter,
+        pue: float,
+        intensity_g_per_kwh: float,
+        device: torch.device,
+        max_steps: int,
+        first_step: int,
+        resumed: dict | None = None,
+        clock=time.perf_counter,
+    ):
         self.tokens_per_step, self.world_size = tokens_per_step, world_size
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.meter, self.pue, self.intensity = meter, pue, intensity_g_per_kwh
@@ -92,10 +118,10 @@ class StepMetrics:
         self._reset()
 
     def _reset(self) -> None:
-        self._loss_sum = 0.0                  # a tensor once a step is seen; read only in collect()
+        self._loss_sum = 0.0  # a tensor once a step is seen; read only in collect()
         self._steps = 0
         self._data_wait_s = self._wall_s = 0.0
-        self._marks: list[tuple] = []         # (compute, optimizer, end) stamps of each step
+        self._marks: list[tuple] = []  # (compute, optimizer, end) stamps of each step
         self._t_step = self._t_end = None
 
     # -- per step, every rank ---------------------------------------------------------------
@@ -131,13 +157,17 @@ class StepMetrics:
         """Forward+backward and optimizer seconds summed over the interval's steps."""
         if self.cuda:
             torch.cuda.synchronize(self.device)
-            return (sum(c.elapsed_time(o) for c, o, _ in self._marks) / 1000,
-                    sum(o.elapsed_time(e) for _, o, e in self._marks) / 1000)
+            return (
+                sum(c.elapsed_time(o) for c, o, _ in self._marks) / 1000,
+                sum(o.elapsed_time(e) for _, o, e in self._marks) / 1000,
+            )
         return sum(o - c for c, o, _ in self._marks), sum(e - o for _, o, e in self._marks)
 
     def collect(self, step: int, **extra) -> dict:
         """One record for the steps since the last collect(); call on every rank at the same step."""
-        fwd_bwd_s, optimizer_s = self._phase_seconds()  # synchronizes the GPU: the clock below is honest
+        fwd_bwd_s, optimizer_s = (
+            self._phase_seconds()
+        )  # synchronizes the GPU: the clock below is honest
         now = self.clock()
         if self._t_end is not None:
             self._wall_s += now - self._t_end  # GPU work still queued at end_step() finished by now
@@ -145,39 +175,74 @@ class StepMetrics:
         sample = self.meter.read()
         loss_sum = float(self._loss_sum)
         estimated = 1.0 if sample.method == "estimate" else 0.0
-        (loss_sum, joules, power, metered_s, wall_s, data_wait_s, fwd_bwd_s, optimizer_s, n_estimated) = all_reduce(
-            [loss_sum, sample.joules, sample.power_w, sample.elapsed_s, self._wall_s, self._data_wait_s, fwd_bwd_s,
-             optimizer_s, estimated], "sum")
+        (
+            loss_sum,
+            joules,
+            power,
+            metered_s,
+            wall_s,
+            data_wait_s,
+            fwd_bwd_s,
+            optimizer_s,
+            n_estimated,
+        ) = all_reduce(
+            [
+                loss_sum,
+                sample.joules,
+                sample.power_w,
+                sample.elapsed_s,
+                self._wall_s,
+                self._data_wait_s,
+                fwd_bwd_s,
+                optimizer_s,
+                estimated,
+            ],
+            "sum",
+        )
         (mem_gb,) = all_reduce([peak_memory_gb(self.device)], "max")
         w = self.world_size
-        step_s = wall_s / w / n                     # mean over ranks, per step
+        step_s = wall_s / w / n  # mean over ranks, per step
         tok_s = self.tokens_per_step / step_s if step_s > 0 else 0.0
         per_device = tok_s / w
         joules_total = joules + self.energy_before_j
         kwh_facility = energy.facility_kwh(joules_total, self.pue)
         elapsed = now - self.t_start
-        done = max(step - self.first_step, 1)      # steps this job
+        done = max(step - self.first_step, 1)  # steps this job
         remaining = max(self.max_steps - step, 0)
         projected_j = joules_total + joules / done * remaining
         record = {
-            "step": step, "loss": loss_sum / (n * w), **extra,
-            "tokens_per_s": tok_s, "tokens_per_s_per_gpu": per_device,
+            "step": step,
+            "loss": loss_sum / (n * w),
+            **extra,
+            "tokens_per_s": tok_s,
+            "tokens_per_s_per_gpu": per_device,
             "tflops_per_gpu": self.flops_per_token * per_device / 1e12,
         }
         if self.peak_flops > 0:
             record["mfu"] = mfu(self.flops_per_token, per_device, self.peak_flops)
-        record.update({
-            "step_s": step_s, "data_wait_s": data_wait_s / w / n, "fwd_bwd_s": fwd_bwd_s / w / n,
-            "optimizer_s": optimizer_s / w / n, "skipped_steps": self.skipped_steps, "mem_gb": mem_gb,
-            "gpu_hours": (self.device_s_before + metered_s) / 3600,  # the span the energy covers
-            "power_w": power, "energy_kwh_it": joules_total / 3.6e6, "energy_kwh_facility": kwh_facility,
-            "co2_kg": energy.co2_kg(kwh_facility, self.intensity),
-            # one estimating rank makes the whole sum an estimate, and it says so
-            "energy_method": "estimate" if n_estimated > 0 else sample.method,
-            "eta_s": elapsed / done * remaining,
-            "projected_kwh_facility": energy.facility_kwh(projected_j, self.pue),
-            "projected_co2_kg": energy.co2_kg(energy.facility_kwh(projected_j, self.pue), self.intensity),
-        })
+        record.update(
+            {
+                "step_s": step_s,
+                "data_wait_s": data_wait_s / w / n,
+                "fwd_bwd_s": fwd_bwd_s / w / n,
+                "optimizer_s": optimizer_s / w / n,
+                "skipped_steps": self.skipped_steps,
+                "mem_gb": mem_gb,
+                "gpu_hours": (self.device_s_before + metered_s)
+                / 3600,  # the span the energy covers
+                "power_w": power,
+                "energy_kwh_it": joules_total / 3.6e6,
+                "energy_kwh_facility": kwh_facility,
+                "co2_kg": energy.co2_kg(kwh_facility, self.intensity),
+                # one estimating rank makes the whole sum an estimate, and it says so
+                "energy_method": "estimate" if n_estimated > 0 else sample.method,
+                "eta_s": elapsed / done * remaining,
+                "projected_kwh_facility": energy.facility_kwh(projected_j, self.pue),
+                "projected_co2_kg": energy.co2_kg(
+                    energy.facility_kwh(projected_j, self.pue), self.intensity
+                ),
+            }
+        )
         self._reset()
         return record
 
@@ -185,4 +250,7 @@ class StepMetrics:
         """Cumulative energy (J, all ranks) and device-seconds of the run so far, for checkpoints (collective)."""
         sample = self.meter.read()
         joules, device_s = all_reduce([sample.joules, sample.elapsed_s], "sum")
-        return {"energy_j": joules + self.energy_before_j, "device_s": device_s + self.device_s_before}
+        return {
+            "energy_j": joules + self.energy_before_j,
+            "device_s": device_s + self.device_s_before,
+        }

@@ -11,6 +11,7 @@ flash kernels on GPU. Projections are separate linear layers (q, k, v, o; gate, 
 that tensor parallelism can split each one by columns or rows; layers derive their local head
 count from the projection's actual width, so they also run when split.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,7 +40,9 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         # normalize in fp32 for stability under bf16/fp16, return in the input's dtype
         xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(
+            x
+        ) * self.weight
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -82,11 +85,14 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        if k.shape[1] != q.shape[1]:  # grouped-query attention: each k/v head serves several q heads
+        if (
+            k.shape[1] != q.shape[1]
+        ):  # grouped-query attention: each k/v head serves several q heads
             k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
             v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+        )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -125,10 +131,14 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, seq_len: int):
         super().__init__()
         if cfg.vocab_size <= 0:
-            raise ValueError("model.vocab_size must be set (from the dataset manifest) before building the model")
+            raise ValueError(
+                "model.vocab_size must be set (from the dataset manifest) before building the model"
+            )
         self.cfg, self.seq_len = cfg, seq_len
         self.tok_embedding = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos_embedding = nn.Embedding(seq_len, cfg.d_model) if cfg.position == "learned" else None
+        self.pos_embedding = (
+            nn.Embedding(seq_len, cfg.d_model) if cfg.position == "learned" else None
+        )
         self.dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = make_norm(cfg)
@@ -191,5 +201,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
     12 x n_layer x seq_len x d_model (counted as if unmasked, as PaLM, nanoGPT and torchtitan do).
     """
     n = count_params(cfg, seq_len)
-    matmul_weights = n["non_embedding_params"] + (cfg.vocab_size * cfg.d_model if cfg.tie_embeddings else 0)
+    matmul_weights = n["non_embedding_params"] + (
+        cfg.vocab_size * cfg.d_model if cfg.tie_embeddings else 0
+    )
     return 6 * matmul_weights + 12 * cfg.n_layer * seq_len * cfg.d_model

@@ -3,6 +3,7 @@
 The schedule is a pure function of the step, so a resumed run needs nothing but the step
 number to continue on the same curve.
 """
+
 from __future__ import annotations
 
 import math
@@ -18,8 +19,10 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
 
 
 class AdamW(torch.optim.AdamW):
@@ -41,8 +44,13 @@ class AdamW(torch.optim.AdamW):
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device) -> AdamW:
     # torch's AdamW, fused on GPU; on CPU DeepSpeed's own Adam would JIT-compile an op for minutes
-    return AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                             eps=cfg.eps, fused=device.type == "cuda")
+    return AdamW(
+        param_groups(model, cfg.weight_decay),
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
+        fused=device.type == "cuda",
+    )
 
 
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:

@@ -7,6 +7,7 @@
 - `apply_activation_checkpointing()`: recompute each block in backward.
 - `build_engine()`: model + optimizer -> DeepSpeed engine.
 """
+
 from __future__ import annotations
 
 import functools
@@ -37,12 +38,26 @@ class DistEnv:
 
         addr, port = rendezvous(environ)
         if "RANK" in environ and "WORLD_SIZE" in environ:
-            return cls(int(environ["RANK"]), int(environ["WORLD_SIZE"]), int(environ.get("LOCAL_RANK", 0)),
-                       int(environ.get("LOCAL_WORLD_SIZE", environ["WORLD_SIZE"])), addr, port)
+            return cls(
+                int(environ["RANK"]),
+                int(environ["WORLD_SIZE"]),
+                int(environ.get("LOCAL_RANK", 0)),
+                int(environ.get("LOCAL_WORLD_SIZE", environ["WORLD_SIZE"])),
+                addr,
+                port,
+            )
         if "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ and "SLURM_STEP_ID" in environ:
-            tasks_on_node = environ.get("SLURM_NTASKS_PER_NODE", environ.get("SLURM_TASKS_PER_NODE", "1"))
-            return cls(int(environ["SLURM_PROCID"]), int(environ["SLURM_NTASKS"]),
-                       int(environ.get("SLURM_LOCALID", 0)), int(tasks_on_node.split("(")[0].split(",")[0]), addr, port)
+            tasks_on_node = environ.get(
+                "SLURM_NTASKS_PER_NODE", environ.get("SLURM_TASKS_PER_NODE", "1")
+            )
+            return cls(
+                int(environ["SLURM_PROCID"]),
+                int(environ["SLURM_NTASKS"]),
+                int(environ.get("SLURM_LOCALID", 0)),
+                int(tasks_on_node.split("(")[0].split(",")[0]),
+                addr,
+                port,
+            )
         return cls(master_addr=addr, master_port=port)
 
 
@@ -57,17 +72,27 @@ def init_distributed(env: DistEnv) -> torch.device:
     """Create the default process group; MASTER_ADDR/MASTER_PORT must be set when world_size > 1."""
     device = device_for(env)
     if device.type == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # say so, rather than let DeepSpeed warn it guessed
+        os.environ.setdefault(
+            "DS_ACCELERATOR", "cpu"
+        )  # say so, rather than let DeepSpeed warn it guessed
     # DeepSpeed 0.19 calls a torch.distributed function that torch 2.13 deprecates; nothing for users to do
-    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+    warnings.filterwarnings(
+        "ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning
+    )
     import deepspeed
 
     os.environ.setdefault("MASTER_ADDR", env.master_addr)
     os.environ.setdefault("MASTER_PORT", str(env.master_port))
     # DeepSpeed reads these from the environment, whichever launcher started us
-    os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank))
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
-                               auto_mpi_discovery=False, rank=env.rank, world_size=env.world_size)
+    os.environ.update(
+        RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank)
+    )
+    deepspeed.init_distributed(
+        dist_backend="nccl" if device.type == "cuda" else "gloo",
+        auto_mpi_discovery=False,
+        rank=env.rank,
+        world_size=env.world_size,
+    )
     return device
 
 
@@ -88,7 +113,7 @@ def deepspeed_config(cfg: Config, layout: BatchLayout, load_universal: bool = Fa
         "gradient_clipping": cfg.optim.clip,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,  # torch's AdamW, which DeepSpeed wraps fine
-        "steps_per_print": 2**31 - 1,          # we log ourselves
+        "steps_per_print": 2**31 - 1,  # we log ourselves
         "wall_clock_breakdown": False,
     }
     if p.tensor > 1:
@@ -99,8 +124,14 @@ def deepspeed_config(cfg: Config, layout: BatchLayout, load_universal: bool = Fa
         ds["bf16"] = {"enabled": True}
     elif cfg.precision == "fp16":
         # dynamic loss scaling (loss_scale 0): start at 2^16, halve on overflow, double after 1000 clean steps
-        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
-                      "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
+        ds["fp16"] = {
+            "enabled": True,
+            "loss_scale": 0,
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        }
     return ds
 
 
@@ -113,9 +144,16 @@ ROW_PARALLEL = r".*\.(o_proj|down_proj)\.weight$"
 
 
 def tensor_parallel_config(size: int) -> dict:
-    return {"autotp_size": size, "partition_config": {"use_default_specs": False, "layer_specs": [
-        {"patterns": [COLUMN_PARALLEL], "partition_type": "column"},
-        {"patterns": [ROW_PARALLEL], "partition_type": "row"}]}}
+    return {
+        "autotp_size": size,
+        "partition_config": {
+            "use_default_specs": False,
+            "layer_specs": [
+                {"patterns": [COLUMN_PARALLEL], "partition_type": "column"},
+                {"patterns": [ROW_PARALLEL], "partition_type": "row"},
+            ],
+        },
+    }
 
 
 def validate_tensor_parallel(cfg: Config, world_size: int, local_world_size: int) -> None:
@@ -124,23 +162,34 @@ def validate_tensor_parallel(cfg: Config, world_size: int, local_world_size: int
 
     tp, m = cfg.parallel.tensor, cfg.model
     if world_size % tp:
-        raise ConfigError(f"'parallel.tensor' ({tp}) must divide the number of processes ({world_size})")
-    checks = [("model.n_head", m.n_head), ("model.n_kv_head", m.n_kv_head or m.n_head),
-              ("model.d_ff", mlp_hidden_size(m))]
+        raise ConfigError(
+            f"'parallel.tensor' ({tp}) must divide the number of processes ({world_size})"
+        )
+    checks = [
+        ("model.n_head", m.n_head),
+        ("model.n_kv_head", m.n_kv_head or m.n_head),
+        ("model.d_ff", mlp_hidden_size(m)),
+    ]
     for key, value in checks:
         if value % tp:
-            raise ConfigError(f"'{key}' ({value}) is not divisible by 'parallel.tensor' ({tp}): each of the {tp} "
-                              f"ranks would get an uneven share; change one of them")
+            raise ConfigError(
+                f"'{key}' ({value}) is not divisible by 'parallel.tensor' ({tp}): each of the {tp} "
+                f"ranks would get an uneven share; change one of them"
+            )
     if tp > 1 and local_world_size % tp:
-        raise ConfigError(f"'parallel.tensor' ({tp}) does not divide the {local_world_size} processes per node: a "
-                          "tensor-parallel group would span nodes (all-reduces twice per layer over the network); "
-                          "use a tensor size that divides the GPUs per node")
+        raise ConfigError(
+            f"'parallel.tensor' ({tp}) does not divide the {local_world_size} processes per node: a "
+            "tensor-parallel group would span nodes (all-reduces twice per layer over the network); "
+            "use a tensor size that divides the GPUs per node"
+        )
 
 
 def parameter_bytes(module: torch.nn.Module) -> int:
     """Bytes of parameters this rank holds: its tensor-parallel slices, or its ZeRO-3 partition."""
-    return sum((p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()) * p.element_size()
-               for p in module.parameters())
+    return sum(
+        (p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()) * p.element_size()
+        for p in module.parameters()
+    )
 
 
 def check_tensor_parallel_groups(size: int) -> None:
@@ -152,7 +201,9 @@ def check_tensor_parallel_groups(size: int) -> None:
     rank = dist.get_rank()
     expected = list(range(rank - rank % size, rank - rank % size + size))
     if sorted(ranks) != expected:
-        raise RuntimeError(f"DeepSpeed put rank {rank} in tensor-parallel group {ranks}, expected {expected}")
+        raise RuntimeError(
+            f"DeepSpeed put rank {rank} in tensor-parallel group {ranks}, expected {expected}"
+        )
 
 
 def apply_activation_checkpointing(model: torch.nn.Module) -> None:
@@ -160,7 +211,9 @@ def apply_activation_checkpointing(model: torch.nn.Module) -> None:
     from torch.utils.checkpoint import checkpoint
 
     for block in model.blocks:
-        block.forward = functools.partial(checkpoint, type(block).forward.__get__(block), use_reentrant=False)
+        block.forward = functools.partial(
+            checkpoint, type(block).forward.__get__(block), use_reentrant=False
+        )
 
 
 def all_reduce(values: list[float], op: str = "sum") -> list[float]:
@@ -190,8 +243,13 @@ def all_gather(value) -> list:
     return out
 
 
-def build_engine(model: torch.nn.Module, cfg: Config, layout: BatchLayout, device: torch.device,
-                 load_universal: bool = False):
+def build_engine(
+    model: torch.nn.Module,
+    cfg: Config,
+    layout: BatchLayout,
+    device: torch.device,
+    load_universal: bool = False,
+):
     """Wrap the model in a DeepSpeed engine with our AdamW; returns (engine, the AdamW it wraps)."""
     import deepspeed
 
@@ -201,12 +259,18 @@ def build_engine(model: torch.nn.Module, cfg: Config, layout: BatchLayout, devic
         # ZeRO-Offload steps the optimizer on the CPU with DeepSpeed's vectorized Adam (JIT-built once)
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        optimizer = DeepSpeedCPUAdam(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                                     betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps, adamw_mode=True)
+        optimizer = DeepSpeedCPUAdam(
+            param_groups(model, cfg.optim.weight_decay),
+            lr=cfg.optim.lr,
+            betas=(cfg.optim.beta1, cfg.optim.beta2),
+            eps=cfg.optim.eps,
+            adamw_mode=True,
+        )
     else:
         optimizer = build_optimizer(model, cfg.optim, device)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                      config=deepspeed_config(cfg, layout, load_universal))
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=deepspeed_config(cfg, layout, load_universal)
+    )
     if cfg.parallel.tensor > 1:
         check_tensor_parallel_groups(cfg.parallel.tensor)
     if cfg.run.compile:

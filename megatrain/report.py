@@ -11,6 +11,7 @@ model size, how energy and MFU were obtained). Writes RUN_DIR/report/:
   summary.json     the same numbers for scripts
 Estimated energy is labelled as such in the text and on every energy/CO2 plot.
 """
+
 from __future__ import annotations
 
 import json
@@ -49,7 +50,10 @@ def read_run_info(run_dir: Path) -> dict:
     config = run_dir / "config.yaml"
     if config.is_file():
         data = yaml.safe_load(config.read_text()) or {}
-        info = {"config": {k: v for k, v in data.items() if k != "resolved"}, **(data.get("resolved") or {})}
+        info = {
+            "config": {k: v for k, v in data.items() if k != "resolved"},
+            **(data.get("resolved") or {}),
+        }
     events = run_dir / "events.jsonl"
     if events.is_file():
         for line in events.read_text().splitlines():
@@ -81,28 +85,45 @@ def summarize(records: list[dict], info: dict | None = None) -> dict:
     cluster = info.get("cluster_profile") or {}
     s = {
         "run": (info.get("config") or {}).get("run", {}).get("name"),
-        "steps": last["step"], "tokens": last.get("tokens"), "first_loss": records[0]["loss"],
-        "final_loss": last["loss"], "final_val_loss": val[-1]["val_loss"] if val else None,
-        "params": info.get("params"), "world_size": info.get("world_size"), "accelerator": info.get("accelerator"),
+        "steps": last["step"],
+        "tokens": last.get("tokens"),
+        "first_loss": records[0]["loss"],
+        "final_loss": last["loss"],
+        "final_val_loss": val[-1]["val_loss"] if val else None,
+        "params": info.get("params"),
+        "world_size": info.get("world_size"),
+        "accelerator": info.get("accelerator"),
         "mean_tokens_per_s": _weighted_mean(records, "tokens_per_s"),
         "mean_tflops_per_gpu": _weighted_mean(records, "tflops_per_gpu"),
-        "mean_mfu": _weighted_mean(records, "mfu"), "peak_source": info.get("peak_source"),
+        "mean_mfu": _weighted_mean(records, "mfu"),
+        "peak_source": info.get("peak_source"),
         "mean_step_s": _weighted_mean(records, "step_s"),
         "mean_data_wait_s": _weighted_mean(records, "data_wait_s"),
         "mean_fwd_bwd_s": _weighted_mean(records, "fwd_bwd_s"),
         "mean_optimizer_s": _weighted_mean(records, "optimizer_s"),
-        "skipped_steps": last.get("skipped_steps"), "peak_mem_gb": max((r.get("mem_gb", 0) for r in records), default=0),
+        "skipped_steps": last.get("skipped_steps"),
+        "peak_mem_gb": max((r.get("mem_gb", 0) for r in records), default=0),
         "gpu_hours": last.get("gpu_hours"),
-        "energy_kwh_it": last.get("energy_kwh_it"), "energy_kwh_facility": last.get("energy_kwh_facility"),
-        "co2_kg": last.get("co2_kg"), "energy_method": last.get("energy_method"),
+        "energy_kwh_it": last.get("energy_kwh_it"),
+        "energy_kwh_facility": last.get("energy_kwh_facility"),
+        "co2_kg": last.get("co2_kg"),
+        "energy_method": last.get("energy_method"),
         "energy_reason": info.get("energy_reason"),
-        "pue": cluster.get("pue"), "intensity_g_per_kwh": cluster.get("carbon_intensity_g_per_kwh"),
+        "pue": cluster.get("pue"),
+        "intensity_g_per_kwh": cluster.get("carbon_intensity_g_per_kwh"),
     }
     if s["gpu_hours"] and s["energy_kwh_it"] is not None:
         s["mean_power_w_per_gpu"] = s["energy_kwh_it"] * 1000 / s["gpu_hours"]
-    if s["energy_kwh_it"] is not None and s["pue"] is not None and s["intensity_g_per_kwh"] is not None:
-        s["formula"] = carbon.estimate(energy_kwh=s["energy_kwh_it"], pue=s["pue"],
-                                       intensity_g_per_kwh=s["intensity_g_per_kwh"]).formula
+    if (
+        s["energy_kwh_it"] is not None
+        and s["pue"] is not None
+        and s["intensity_g_per_kwh"] is not None
+    ):
+        s["formula"] = carbon.estimate(
+            energy_kwh=s["energy_kwh_it"],
+            pue=s["pue"],
+            intensity_g_per_kwh=s["intensity_g_per_kwh"],
+        ).formula
     return s
 
 
@@ -141,16 +162,22 @@ def plot(records: list[dict], out_dir: Path, info: dict | None = None) -> list[P
     paths = []
 
     def series(key, scale=1.0):
-        return [r["step"] for r in records if key in r], [r[key] * scale for r in records if key in r]
+        return [r["step"] for r in records if key in r], [
+            r[key] * scale for r in records if key in r
+        ]
 
     def figure(name, title, panels):
         """panels: (ylabel, [(xs, ys, style, label), ...]); one row each, sharing the step axis."""
-        fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.2 + 1.9 * len(panels)), sharex=True, squeeze=False)
+        fig, axes = plt.subplots(
+            len(panels), 1, figsize=(7, 2.2 + 1.9 * len(panels)), sharex=True, squeeze=False
+        )
         for ax, (ylabel, lines) in zip(axes[:, 0], panels):
             for xs, ys, style, label in lines:
                 ax.plot(xs, ys, style, label=label)
             ax.set_ylabel(ylabel)
-            ax.set_ylim(bottom=0, top=max([max(ys, default=0) for _, ys, _, _ in lines] + [1e-12]) * 1.12)
+            ax.set_ylim(
+                bottom=0, top=max([max(ys, default=0) for _, ys, _, _ in lines] + [1e-12]) * 1.12
+            )
             ax.grid(alpha=0.3)
             ax.legend(loc="lower right", fontsize=8)
         axes[0, 0].set_title(title)
@@ -171,19 +198,37 @@ def plot(records: list[dict], out_dir: Path, info: dict | None = None) -> list[P
     plt.close(fig)
     paths.append(out_dir / "loss.png")
 
-    figure("throughput.png", "Throughput and model FLOPs utilization", [
-        ("tokens/s", [(*series("tokens_per_s"), "-", "all devices")]),
-        ("MFU (%)", [(*series("mfu", 100), "-C1", "model FLOPs / dense peak")]),
-    ])
+    figure(
+        "throughput.png",
+        "Throughput and model FLOPs utilization",
+        [
+            ("tokens/s", [(*series("tokens_per_s"), "-", "all devices")]),
+            ("MFU (%)", [(*series("mfu", 100), "-C1", "model FLOPs / dense peak")]),
+        ],
+    )
 
     steps, total = series("step_s")
     fig, ax = plt.subplots(figsize=(7, 4))
-    parts = [(k, label) for k, label in [("data_wait_s", "data wait"), ("fwd_bwd_s", "forward + backward"),
-                                         ("optimizer_s", "optimizer")] if all(k in r for r in records)]
+    parts = [
+        (k, label)
+        for k, label in [
+            ("data_wait_s", "data wait"),
+            ("fwd_bwd_s", "forward + backward"),
+            ("optimizer_s", "optimizer"),
+        ]
+        if all(k in r for r in records)
+    ]
     if parts:
-        ax.stackplot(steps, *[[r[k] for r in records] for k, _ in parts], labels=[lb for _, lb in parts], alpha=0.8)
+        ax.stackplot(
+            steps,
+            *[[r[k] for r in records] for k, _ in parts],
+            labels=[lb for _, lb in parts],
+            alpha=0.8,
+        )
     ax.plot(steps, total, "k--", label="step (total)")
-    ax.set(xlabel="step", ylabel="seconds per step (interval mean)", title="Where a step's time goes")
+    ax.set(
+        xlabel="step", ylabel="seconds per step (interval mean)", title="Where a step's time goes"
+    )
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -196,16 +241,33 @@ def plot(records: list[dict], out_dir: Path, info: dict | None = None) -> list[P
     xf, fac = series("energy_kwh_facility")
     both, unit = _scaled(it + fac, ENERGY_UNITS)
     pue = f" x PUE {cluster['pue']:g}" if cluster.get("pue") is not None else " x PUE"
-    figure("energy.png", f"Power and cumulative energy{est}", [
-        ("power (W)", [(*series("power_w"), "-C3", "all devices")]),
-        (f"energy ({unit})", [(xs, both[:len(it)], "-C2", "IT"), (xf, both[len(it):], "--C8", f"facility = IT{pue}")]),
-    ])
+    figure(
+        "energy.png",
+        f"Power and cumulative energy{est}",
+        [
+            ("power (W)", [(*series("power_w"), "-C3", "all devices")]),
+            (
+                f"energy ({unit})",
+                [
+                    (xs, both[: len(it)], "-C2", "IT"),
+                    (xf, both[len(it) :], "--C8", f"facility = IT{pue}"),
+                ],
+            ),
+        ],
+    )
 
     xs, co2 = series("co2_kg")
     values, unit = _scaled(co2, MASS_UNITS)
-    grid = (f"\nPUE {cluster['pue']:g}, {cluster['carbon_intensity_g_per_kwh']:g} gCO2e/kWh"
-            if cluster.get("pue") is not None else "")
-    figure("co2.png", f"Cumulative emissions{est}{grid}", [(f"CO2e ({unit})", [(xs, values, "-C7", "facility energy x grid intensity")])])
+    grid = (
+        f"\nPUE {cluster['pue']:g}, {cluster['carbon_intensity_g_per_kwh']:g} gCO2e/kWh"
+        if cluster.get("pue") is not None
+        else ""
+    )
+    figure(
+        "co2.png",
+        f"Cumulative emissions{est}{grid}",
+        [(f"CO2e ({unit})", [(xs, values, "-C7", "facility energy x grid intensity")])],
+    )
     return paths
 
 
@@ -228,13 +290,31 @@ def _rows(s: dict) -> list[tuple[str, str]]:
     if s.get("final_val_loss") is not None:
         rows.append(("validation loss", f"{s['final_val_loss']:.3f}"))
     if s.get("mean_tokens_per_s") is not None:
-        rows.append(("throughput", f"{s['mean_tokens_per_s']:,.0f} tokens/s"
-                     + (f", {s['mean_tflops_per_gpu']:.3g} TFLOP/s per device" if s.get("mean_tflops_per_gpu") else "")))
+        rows.append(
+            (
+                "throughput",
+                f"{s['mean_tokens_per_s']:,.0f} tokens/s"
+                + (
+                    f", {s['mean_tflops_per_gpu']:.3g} TFLOP/s per device"
+                    if s.get("mean_tflops_per_gpu")
+                    else ""
+                ),
+            )
+        )
     mfu = f"{100 * s['mean_mfu']:.2f}%" if s.get("mean_mfu") is not None else "n/a"
-    rows.append(("mean MFU", mfu + (f" (against {s['peak_source']})" if s.get("peak_source") else "")))
+    rows.append(
+        ("mean MFU", mfu + (f" (against {s['peak_source']})" if s.get("peak_source") else ""))
+    )
     if s.get("mean_step_s") is not None:
-        split = ", ".join(f"{label} {s[k]:.3g}" for k, label in [("mean_data_wait_s", "data"),
-                          ("mean_fwd_bwd_s", "fwd+bwd"), ("mean_optimizer_s", "optimizer")] if s.get(k) is not None)
+        split = ", ".join(
+            f"{label} {s[k]:.3g}"
+            for k, label in [
+                ("mean_data_wait_s", "data"),
+                ("mean_fwd_bwd_s", "fwd+bwd"),
+                ("mean_optimizer_s", "optimizer"),
+            ]
+            if s.get(k) is not None
+        )
         rows.append(("step time", f"{s['mean_step_s']:.3g} s ({split})"))
     if s.get("skipped_steps") is not None:
         rows.append(("skipped steps", f"{s['skipped_steps']}"))
@@ -245,13 +325,31 @@ def _rows(s: dict) -> list[tuple[str, str]]:
         rows.append(("energy method", method_label(s["energy_method"])))
         if s.get("energy_reason"):
             rows.append(("energy source", s["energy_reason"]))
-        power = f", mean {s['mean_power_w_per_gpu']:.3g} W per device" if s.get("mean_power_w_per_gpu") else ""
-        rows.append(("energy (IT)", f"{s['energy_kwh_it']:.4g} kWh ({human_energy(s['energy_kwh_it'])}){power}"))
+        power = (
+            f", mean {s['mean_power_w_per_gpu']:.3g} W per device"
+            if s.get("mean_power_w_per_gpu")
+            else ""
+        )
+        rows.append(
+            (
+                "energy (IT)",
+                f"{s['energy_kwh_it']:.4g} kWh ({human_energy(s['energy_kwh_it'])}){power}",
+            )
+        )
         pue = f", PUE {s['pue']:g}" if s.get("pue") is not None else ""
         rows.append(("energy (facility)", f"{s['energy_kwh_facility']:.4g} kWh{pue}"))
-        grid = f", {s['intensity_g_per_kwh']:g} gCO2e/kWh" if s.get("intensity_g_per_kwh") is not None else ""
-        rows.append(("CO2e", f"{s['co2_kg']:.4g} kg ({human_mass(s['co2_kg'])}){grid}"
-                             + (" ESTIMATED" if s["energy_method"] == "estimate" else "")))
+        grid = (
+            f", {s['intensity_g_per_kwh']:g} gCO2e/kWh"
+            if s.get("intensity_g_per_kwh") is not None
+            else ""
+        )
+        rows.append(
+            (
+                "CO2e",
+                f"{s['co2_kg']:.4g} kg ({human_mass(s['co2_kg'])}){grid}"
+                + (" ESTIMATED" if s["energy_method"] == "estimate" else ""),
+            )
+        )
     return rows
 
 
@@ -266,7 +364,14 @@ def render_markdown(s: dict, name: str, pngs: list[Path]) -> str:
     lines = [f"# Run summary: {name}", "", "| | |", "| --- | --- |"]
     lines += [f"| {label} | {value.replace('|', '/')} |" for label, value in _rows(s)]
     if s.get("formula"):
-        lines += ["", "How the CO2e was computed (`megatrain carbon` arithmetic):", "", "```", s["formula"], "```"]
+        lines += [
+            "",
+            "How the CO2e was computed (`megatrain carbon` arithmetic):",
+            "",
+            "```",
+            s["formula"],
+            "```",
+        ]
     lines += [""] + [f"![{p.stem}]({p.name})" for p in pngs]
     return "\n".join(lines) + "\n"
 
@@ -275,7 +380,9 @@ def report(run_dir: str | Path) -> tuple[str, list[Path]]:
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)
     if not records:
-        raise ReportError(f"{run_dir}/metrics.jsonl has no records yet (the first is written after run.log_every steps)")
+        raise ReportError(
+            f"{run_dir}/metrics.jsonl has no records yet (the first is written after run.log_every steps)"
+        )
     info = read_run_info(run_dir)
     summary = summarize(records, info)
     out = run_dir / "report"

@@ -4,6 +4,7 @@ nested dicts into dataclasses with every key and type checked.
 Errors name the dotted key and, for a typo, the closest valid one. Fields are documented by the
 string literal written under them (an "attribute docstring"), which `field_docs` reads back.
 """
+
 from __future__ import annotations
 
 import ast
@@ -33,7 +34,9 @@ def read_yaml(path: str | os.PathLike) -> dict:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
+        raise ConfigError(
+            f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}"
+        )
     return data
 
 
@@ -74,7 +77,9 @@ def _list_index(node: list, part: str, key: str) -> int:
     if index == len(node):  # `data.sources.0.path=X` on an empty list creates the entry
         node.append({})
     if index >= len(node):
-        raise ConfigError(f"override '{key}': index {index} is past the end of a list of {len(node)}")
+        raise ConfigError(
+            f"override '{key}': index {index} is past the end of a list of {len(node)}"
+        )
     return index
 
 
@@ -90,9 +95,13 @@ def field_docs(cls: type) -> dict[str, str]:
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs = {}
     for stmt, nxt in zip(body, body[1:]):
-        if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
-                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
-                and isinstance(nxt.value.value, str)):
+        if (
+            isinstance(stmt, ast.AnnAssign)
+            and isinstance(stmt.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
             docs[stmt.target.id] = inspect.cleandoc(nxt.value.value)
     return docs
 
@@ -102,7 +111,9 @@ def from_dict(cls: type, data: Any, where: str = "") -> Any:
     if isinstance(data, cls):
         return data
     if not isinstance(data, dict):
-        raise ConfigError(f"'{where or 'config'}' should be a mapping of {cls.__name__} fields, got {data!r}")
+        raise ConfigError(
+            f"'{where or 'config'}' should be a mapping of {cls.__name__} fields, got {data!r}"
+        )
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}

@@ -10,6 +10,7 @@
 - the console: one plain line per interval (Slurm logs); on a terminal also a progress bar
   with the ETA and the projected final energy and CO2.
 """
+
 from __future__ import annotations
 
 import json
@@ -52,7 +53,9 @@ def reachable(url: str, timeout: float = WANDB_PROBE_TIMEOUT_S) -> str | None:
 
     def attempt():
         try:
-            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+            urllib.request.urlopen(
+                urllib.request.Request(url, method="HEAD"), timeout=timeout
+            ).close()
             result.append(None)
         except urllib.error.HTTPError:  # 4xx/5xx: a server is there
             result.append(None)
@@ -74,7 +77,9 @@ class WandbSink:
     """A W&B run in RUN_DIR/wandb. `self.mode` is what it really runs in; `self.fallback` says why
     it is offline when online was asked for (None otherwise)."""
 
-    def __init__(self, run_dir: Path, name: str, mode: str, project: str, entity: str | None, config: dict):
+    def __init__(
+        self, run_dir: Path, name: str, mode: str, project: str, entity: str | None, config: dict
+    ):
         import wandb
 
         os.environ.setdefault("WANDB_SILENT", "true")
@@ -84,15 +89,24 @@ class WandbSink:
         self.mode = "offline" if self.fallback else mode
         if self.mode == "online":
             try:
-                self.run = wandb.init(mode="online", settings=wandb.Settings(init_timeout=30, **settings), **args)
+                self.run = wandb.init(
+                    mode="online", settings=wandb.Settings(init_timeout=30, **settings), **args
+                )
                 return
             except Exception as e:  # noqa: BLE001 -- no API key, refused login, timeout: keep training, offline
                 detail = " ".join(str(e).split())[:200]
-                self.fallback, self.mode = f"online init failed: {type(e).__name__}: {detail}", "offline"
+                self.fallback, self.mode = (
+                    f"online init failed: {type(e).__name__}: {detail}",
+                    "offline",
+                )
         self.run = wandb.init(mode=self.mode, settings=wandb.Settings(**settings), **args)
 
     def write(self, record: dict) -> None:
-        numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        numbers = {
+            k: v
+            for k, v in record.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
         self.run.log(numbers, step=record["step"])
 
     def update_config(self, info: dict) -> None:
@@ -136,12 +150,18 @@ def duration(seconds: float) -> str:
     seconds = int(seconds)
     if seconds >= 86400:
         return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    return (
+        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+        if seconds >= 3600
+        else f"{seconds // 60}m{seconds % 60:02d}s"
+    )
 
 
 def format_line(r: dict, max_steps: int = 0) -> str:
     """One interval as a plain line (also what Slurm logs show)."""
-    step = f"step {r['step']:>6}" + (f"/{max_steps} ({100 * r['step'] / max_steps:.0f}%)" if max_steps else "")
+    step = f"step {r['step']:>6}" + (
+        f"/{max_steps} ({100 * r['step'] / max_steps:.0f}%)" if max_steps else ""
+    )
     parts = [step, f"loss {r['loss']:.4f}"]
     if "val_loss" in r:
         parts.append(f"val {r['val_loss']:.4f}")
@@ -153,10 +173,15 @@ def format_line(r: dict, max_steps: int = 0) -> str:
         parts.append(f"skipped {r['skipped_steps']}")
     if "energy_kwh_facility" in r:
         est = " (est.)" if r.get("energy_method") == "estimate" else ""
-        parts.append(f"{human_energy(r['energy_kwh_facility'])} {human_mass(r['co2_kg'])} CO2e{est}")
+        parts.append(
+            f"{human_energy(r['energy_kwh_facility'])} {human_mass(r['co2_kg'])} CO2e{est}"
+        )
     if "eta_s" in r and max_steps and r["step"] < max_steps:
-        projected = (f" -> ~{human_energy(r['projected_kwh_facility'])} {human_mass(r['projected_co2_kg'])}"
-                     if "projected_kwh_facility" in r else "")
+        projected = (
+            f" -> ~{human_energy(r['projected_kwh_facility'])} {human_mass(r['projected_co2_kg'])}"
+            if "projected_kwh_facility" in r
+            else ""
+        )
         parts.append(f"eta {duration(r['eta_s'])}{projected}")
     return " | ".join(parts)
 
@@ -166,14 +191,22 @@ def format_bar(r: dict, max_steps: int, total_tokens: float = 0, width: int = 30
     frac = min(r["step"] / max_steps, 1.0) if max_steps else 0.0
     filled = int(frac * width)
     est = " (est.)" if r.get("energy_method") == "estimate" else ""
-    text = f"[{'#' * filled}{'.' * (width - filled)}] {100 * frac:3.0f}% {r['step']}/{max_steps} steps"
+    text = (
+        f"[{'#' * filled}{'.' * (width - filled)}] {100 * frac:3.0f}% {r['step']}/{max_steps} steps"
+    )
     if "tokens" in r:
-        text += f", {human_count(r['tokens'])}" + (f"/{human_count(total_tokens)}" if total_tokens else "") + " tokens"
+        text += (
+            f", {human_count(r['tokens'])}"
+            + (f"/{human_count(total_tokens)}" if total_tokens else "")
+            + " tokens"
+        )
     if "eta_s" in r:
         text += f" | eta {duration(r['eta_s'])}"
     if "projected_kwh_facility" in r:
-        text += (f" | final ~{human_energy(r['projected_kwh_facility'])}, "
-                 f"{human_mass(r['projected_co2_kg'])} CO2e{est}")
+        text += (
+            f" | final ~{human_energy(r['projected_kwh_facility'])}, "
+            f"{human_mass(r['projected_co2_kg'])} CO2e{est}"
+        )
     return text
 
 
@@ -197,7 +230,11 @@ class ConsoleSink:
         self.stream.flush()
 
     def write(self, record: dict) -> None:
-        bar = format_bar(record, self.max_steps, self.total_tokens) if self.tty and self.max_steps else None
+        bar = (
+            format_bar(record, self.max_steps, self.total_tokens)
+            if self.tty and self.max_steps
+            else None
+        )
         self.print(format_line(record, self.max_steps), bar)
 
     def close(self) -> None:
@@ -213,7 +250,9 @@ class ConsoleSink:
 class MetricsLogger:
     """Fans records out to the sinks; a no-op on ranks other than 0."""
 
-    def __init__(self, run_dir: Path, enabled: bool, wandb_args: dict | None = None, stream=sys.stdout):
+    def __init__(
+        self, run_dir: Path, enabled: bool, wandb_args: dict | None = None, stream=sys.stdout
+    ):
         self.enabled = enabled
         self.sinks: list = []
         self.events = self.wandb = None
@@ -228,8 +267,13 @@ class MetricsLogger:
                 self.wandb = WandbSink(run_dir, **wandb_args)
                 self.sinks.append(self.wandb)
                 if self.wandb.fallback:
-                    self.event({"event": "wandb_offline", "reason": self.wandb.fallback,
-                                "sync_later": f"wandb sync {run_dir / 'wandb'}/offline-run-*"})
+                    self.event(
+                        {
+                            "event": "wandb_offline",
+                            "reason": self.wandb.fallback,
+                            "sync_later": f"wandb sync {run_dir / 'wandb'}/offline-run-*",
+                        }
+                    )
             except Exception as e:  # noqa: BLE001 -- W&B must never take a run down
                 self.event({"event": "wandb_failed", "error": repr(e)})
         self.sinks.append(self.console)

@@ -7,6 +7,7 @@
 
 Every rank runs this same code (torchrun, srun, or `megatrain train --nproc N`).
 """
+
 from __future__ import annotations
 
 import math
@@ -46,12 +47,23 @@ INJECT_NAN_ENV = "MEGATRAIN_INJECT_NAN_AT_STEPS"
 def software_versions() -> dict:
     import deepspeed
 
-    versions = {"python": sys.version.split()[0], "torch": str(torch.__version__),
-                "deepspeed": str(deepspeed.__version__)}
+    versions = {
+        "python": sys.version.split()[0],
+        "torch": str(torch.__version__),
+        "deepspeed": str(deepspeed.__version__),
+    }
     try:
         root = Path(__file__).resolve().parent.parent
-        versions["git_commit"] = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                                                text=True, timeout=5, check=False).stdout.strip() or None
+        versions["git_commit"] = (
+            subprocess.run(
+                ["git", "-C", str(root), "rev-parse", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+                check=False,
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         versions["git_commit"] = None
     return versions
@@ -59,6 +71,7 @@ def software_versions() -> dict:
 
 def open_sources(cfg: Config, rank: int, world: int) -> list[PackedSamples]:
     """Open every dataset on every rank; each rank hashes only its share of the shards (collective)."""
+
     def mine(shard_index: int) -> bool:
         return cfg.data.verify_checksums and shard_index % world == rank
 
@@ -71,10 +84,14 @@ def open_sources(cfg: Config, rank: int, world: int) -> list[PackedSamples]:
         raise problem if problem else ShardError(problems[0])
     tokenizers = {d.manifest.tokenizer_sha256 for d in datasets}
     if len(tokenizers) > 1:
-        raise ConfigError("the datasets in 'data.sources' were tokenized with different tokenizers: "
-                          + ", ".join(f"{d.directory} ({d.manifest.tokenizer_sha256[:12]})" for d in datasets))
-    return [PackedSamples(d, cfg.data.seq_len, cfg.data.val_fraction, cfg.run.seed + 1000 * i)
-            for i, d in enumerate(datasets)]
+        raise ConfigError(
+            "the datasets in 'data.sources' were tokenized with different tokenizers: "
+            + ", ".join(f"{d.directory} ({d.manifest.tokenizer_sha256[:12]})" for d in datasets)
+        )
+    return [
+        PackedSamples(d, cfg.data.seq_len, cfg.data.val_fraction, cfg.run.seed + 1000 * i)
+        for i, d in enumerate(datasets)
+    ]
 
 
 class Trainer:
@@ -93,73 +110,143 @@ class Trainer:
         self.sources = open_sources(cfg, self.rank, self.world)
         vocab = self.sources[0].dataset.manifest.vocab_size
         if cfg.model.vocab_size == 0:
-            cfg.model.vocab_size = cfg.model.vocab_multiple * math.ceil(vocab / cfg.model.vocab_multiple)
+            cfg.model.vocab_size = cfg.model.vocab_multiple * math.ceil(
+                vocab / cfg.model.vocab_multiple
+            )
         elif cfg.model.vocab_size < vocab:
-            raise ConfigError(f"'model.vocab_size' ({cfg.model.vocab_size}) is smaller than the tokenizer's "
-                              f"({vocab}); set it to 0 to take the dataset's")
+            raise ConfigError(
+                f"'model.vocab_size' ({cfg.model.vocab_size}) is smaller than the tokenizer's "
+                f"({vocab}); set it to 0 to take the dataset's"
+            )
         self.layout = resolve_batch(cfg, self.dp_size)
-        self.max_steps = cfg.run.max_steps or math.ceil(cfg.run.max_tokens / self.layout.tokens_per_step)
+        self.max_steps = cfg.run.max_steps or math.ceil(
+            cfg.run.max_tokens / self.layout.tokens_per_step
+        )
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
         self.accel = accel = hardware.detect_accelerator()
-        self.peak_flops, self.peak_source = resolve_peak(cfg.precision, accel, self.cluster.peak_tflops,
-                                                         self.cluster.accelerator)
+        self.peak_flops, self.peak_source = resolve_peak(
+            cfg.precision, accel, self.cluster.peak_tflops, self.cluster.accelerator
+        )
 
-        self.logger = MetricsLogger(self.run_dir, enabled=self.rank == 0, wandb_args={
-            "name": cfg.run.name, "mode": cfg.wandb.mode, "project": cfg.wandb.project, "entity": cfg.wandb.entity,
-            "config": {"config": asdict(cfg)}})  # the rest comes with run_start
+        self.logger = MetricsLogger(
+            self.run_dir,
+            enabled=self.rank == 0,
+            wandb_args={
+                "name": cfg.run.name,
+                "mode": cfg.wandb.mode,
+                "project": cfg.wandb.project,
+                "entity": cfg.wandb.entity,
+                "config": {"config": asdict(cfg)},
+            },
+        )  # the rest comes with run_start
         self.resolved = self._write_resolved_config() if self.rank == 0 else {}
 
         # The resume point decides how the engine is built: a checkpoint from another
         # (dp, tp, ZeRO) layout loads through DeepSpeed's universal format.
         self.step, self.consumed, self.skipped, meta = 0, 0, 0, {}
-        found = checkpoint.find_resumable(self.ckpt_dir, log=self.logger.event) if cfg.run.resume == "auto" else None
+        found = (
+            checkpoint.find_resumable(self.ckpt_dir, log=self.logger.event)
+            if cfg.run.resume == "auto"
+            else None
+        )
         load_tag, universal = None, False
         if found:
             load_tag, meta = found
             universal = checkpoint.needs_universal(meta, self.dp_size, tp, cfg.parallel.zero_stage)
             if universal:
                 load_tag = checkpoint.to_universal(self.ckpt_dir, load_tag, log=self.logger.event)
-            self.step, self.consumed, self.skipped = meta["step"], meta["consumed_samples"], meta.get("skipped_steps", 0)
+            self.step, self.consumed, self.skipped = (
+                meta["step"],
+                meta["consumed_samples"],
+                meta.get("skipped_steps", 0),
+            )
 
         torch.manual_seed(cfg.run.seed)
-        self.engine, self.optimizer = build_engine(Transformer(cfg.model, cfg.data.seq_len), cfg, self.layout, self.device,
-                                   load_universal=universal)
+        self.engine, self.optimizer = build_engine(
+            Transformer(cfg.model, cfg.data.seq_len),
+            cfg,
+            self.layout,
+            self.device,
+            load_universal=universal,
+        )
         if load_tag:
             checkpoint.load(self.engine, self.ckpt_dir, load_tag)
-            self.logger.event({"event": "resumed", "tag": load_tag, "step": self.step,
-                               "consumed_samples": self.consumed, "universal": universal})
+            self.logger.event(
+                {
+                    "event": "resumed",
+                    "tag": load_tag,
+                    "step": self.step,
+                    "consumed_samples": self.consumed,
+                    "universal": universal,
+                }
+            )
 
-        self.param_gb_per_rank = [b / 2**30 for b in all_gather(parameter_bytes(self.engine.module))]
+        self.param_gb_per_rank = [
+            b / 2**30 for b in all_gather(parameter_bytes(self.engine.module))
+        ]
         self.weights = [s.weight for s in cfg.data.sources]
         self.loader = self._loader(self.consumed)
-        self.val_batches = validation_batches(self.sources, self.weights,
-                                              cfg.run.eval_batches * self.layout.micro_batch * self.dp_size,
-                                              self.layout.micro_batch, self.dp_rank, self.dp_size)
+        self.val_batches = validation_batches(
+            self.sources,
+            self.weights,
+            cfg.run.eval_batches * self.layout.micro_batch * self.dp_size,
+            self.layout.micro_batch,
+            self.dp_rank,
+            self.dp_size,
+        )
         self.meter = energy.make_meter(
-            str(self.device), env.local_rank, self.cluster.device_power_w or accel.tdp_w or 0.0,
-            fallback_source=(f"cluster profile '{self.cluster.name}'" if self.cluster.device_power_w
-                             else f"{accel.name} board power"))
+            str(self.device),
+            env.local_rank,
+            self.cluster.device_power_w or accel.tdp_w or 0.0,
+            fallback_source=(
+                f"cluster profile '{self.cluster.name}'"
+                if self.cluster.device_power_w
+                else f"{accel.name} board power"
+            ),
+        )
         self.metrics = StepMetrics(
-            tokens_per_step=self.layout.tokens_per_step, world_size=self.world, flops_per_token=self.flops_per_token,
-            peak_flops=self.peak_flops, meter=self.meter, pue=self.cluster.pue,
-            intensity_g_per_kwh=self.cluster.carbon_intensity_g_per_kwh, device=self.device,
-            max_steps=self.max_steps, first_step=self.step, resumed=meta)
+            tokens_per_step=self.layout.tokens_per_step,
+            world_size=self.world,
+            flops_per_token=self.flops_per_token,
+            peak_flops=self.peak_flops,
+            meter=self.meter,
+            pue=self.cluster.pue,
+            intensity_g_per_kwh=self.cluster.carbon_intensity_g_per_kwh,
+            device=self.device,
+            max_steps=self.max_steps,
+            first_step=self.step,
+            resumed=meta,
+        )
         self.guard = StabilityGuard(cfg.guard)
         self.stop = StopRequest()
         self.inject_nan = {int(s) for s in os.environ.get(INJECT_NAN_ENV, "").split(",") if s}
 
     def _loader(self, consumed: int) -> DataLoader:
-        return DataLoader(self.sources, self.weights, self.layout, self.dp_rank, consumed, self.cfg.data.prefetch,
-                          self.device.type)
+        return DataLoader(
+            self.sources,
+            self.weights,
+            self.layout,
+            self.dp_rank,
+            consumed,
+            self.cfg.data.prefetch,
+            self.device.type,
+        )
 
     def _write_resolved_config(self) -> dict:
         cfg = self.cfg
-        resolved = {"cluster_profile": asdict(self.cluster), "world_size": self.world, "dp_size": self.dp_size,
-                    "batch": {**asdict(self.layout), "global_batch": self.layout.global_batch},
-                    "max_steps": self.max_steps, **count_params(cfg.model, cfg.data.seq_len),
-                    "flops_per_token": self.flops_per_token, "versions": software_versions()}
-        (self.run_dir / "config.yaml").write_text(yaml.safe_dump({**asdict(cfg), "resolved": resolved},
-                                                                 sort_keys=False))
+        resolved = {
+            "cluster_profile": asdict(self.cluster),
+            "world_size": self.world,
+            "dp_size": self.dp_size,
+            "batch": {**asdict(self.layout), "global_batch": self.layout.global_batch},
+            "max_steps": self.max_steps,
+            **count_params(cfg.model, cfg.data.seq_len),
+            "flops_per_token": self.flops_per_token,
+            "versions": software_versions(),
+        }
+        (self.run_dir / "config.yaml").write_text(
+            yaml.safe_dump({**asdict(cfg), "resolved": resolved}, sort_keys=False)
+        )
         return resolved
 
     # ------------------------------------------------------------------------- one step
@@ -187,16 +274,21 @@ class Trainer:
                 # one collective per step: the loss, whether any rank saw a non-finite loss, stop votes
                 local = loss_sum.item()
                 loss_sum, nonfinite, *votes = all_reduce_sum(
-                    [local, 0.0 if math.isfinite(local) else 1.0, *self.stop.votes()])
+                    [local, 0.0 if math.isfinite(local) else 1.0, *self.stop.votes()]
+                )
                 stop = self.stop.agree(votes)
                 if nonfinite and self.cfg.parallel.zero_stage == 0:
-                    self.optimizer.skip_next = True  # ZeRO 1-3 discard non-finite steps by themselves
+                    self.optimizer.skip_next = (
+                        True  # ZeRO 1-3 discard non-finite steps by themselves
+                    )
                 metrics.begin_optimizer()  # DeepSpeed updates the weights in step() at the accumulation boundary
             engine.step()
         skipped = bool(nonfinite) or engine.skipped_steps > skipped_before
         self.skipped += skipped
         loss = loss_sum / (len(batches) * self.world)
-        metrics.end_step(loss, skipped_steps=self.skipped)  # the global mean, the same on every rank
+        metrics.end_step(
+            loss, skipped_steps=self.skipped
+        )  # the global mean, the same on every rank
         return loss, skipped, stop
 
     @torch.no_grad()
@@ -214,27 +306,49 @@ class Trainer:
         return loss_sum / max(count, 1)
 
     def save(self) -> None:
-        state = {"consumed_samples": self.loader.consumed_samples, **self.metrics.state(),
-                 "skipped_steps": self.skipped, "config": asdict(self.cfg),
-                 "layout": {"dp_size": self.dp_size, "tp_size": self.cfg.parallel.tensor,
-                            "zero_stage": self.cfg.parallel.zero_stage}}
-        folder = checkpoint.save(self.engine, self.ckpt_dir, self.step, state, keep=self.cfg.run.keep,
-                                 keep_every=self.cfg.run.keep_every)
+        state = {
+            "consumed_samples": self.loader.consumed_samples,
+            **self.metrics.state(),
+            "skipped_steps": self.skipped,
+            "config": asdict(self.cfg),
+            "layout": {
+                "dp_size": self.dp_size,
+                "tp_size": self.cfg.parallel.tensor,
+                "zero_stage": self.cfg.parallel.zero_stage,
+            },
+        }
+        folder = checkpoint.save(
+            self.engine,
+            self.ckpt_dir,
+            self.step,
+            state,
+            keep=self.cfg.run.keep,
+            keep_every=self.cfg.run.keep_every,
+        )
         self.logger.event({"event": "checkpoint", "step": self.step, "path": str(folder)})
 
     def roll_back(self) -> bool:
         """Reload the last checkpoint's weights and optimizer, but keep reading from the current data position."""
         found = checkpoint.find_resumable(self.ckpt_dir, log=self.logger.event)
         if not found:
-            self.logger.event({"event": "rollback_impossible", "step": self.step, "reason": "no checkpoint yet"})
+            self.logger.event(
+                {"event": "rollback_impossible", "step": self.step, "reason": "no checkpoint yet"}
+            )
             return False
         tag, meta = found
         checkpoint.load(self.engine, self.ckpt_dir, tag)
         skipped_from = meta["consumed_samples"]
         self.loader.close()
         self.loader = self._loader(self.consumed_now)
-        self.logger.event({"event": "rollback", "from_step": self.step, "to_step": meta["step"], "tag": tag,
-                           "skipped_samples": [skipped_from, self.consumed_now]})
+        self.logger.event(
+            {
+                "event": "rollback",
+                "from_step": self.step,
+                "to_step": meta["step"],
+                "tag": tag,
+                "skipped_samples": [skipped_from, self.consumed_now],
+            }
+        )
         self.step = meta["step"]
         return True
 
@@ -248,16 +362,31 @@ class Trainer:
         cfg, layout = self.cfg, self.layout
         if self.rank == 0:
             n = count_params(cfg.model, cfg.data.seq_len)
-            print(f"megatrain: {n['params'] / 1e6:.2f}M parameters, {self.world} processes (dp {self.dp_size} x "
-                  f"tp {cfg.parallel.tensor}), ZeRO-{cfg.parallel.zero_stage}, {cfg.precision}, global batch "
-                  f"{layout.global_batch} x {layout.seq_len} tokens, {self.max_steps} steps; {self.meter.reason}",
-                  flush=True)
-            print("megatrain: parameter memory per rank (GB): "
-                  + " ".join(f"{gb:.3f}" for gb in self.param_gb_per_rank), flush=True)
-        self.logger.run_start({
-            "config": asdict(cfg), **self.resolved, "start_step": self.step, "tokens_per_step": layout.tokens_per_step,
-            "accelerator": self.accel.name, "peak_flops": self.peak_flops, "peak_source": self.peak_source,
-            "energy_method": self.meter.method, "energy_reason": self.meter.reason, "skipped_steps": self.skipped})
+            print(
+                f"megatrain: {n['params'] / 1e6:.2f}M parameters, {self.world} processes (dp {self.dp_size} x "
+                f"tp {cfg.parallel.tensor}), ZeRO-{cfg.parallel.zero_stage}, {cfg.precision}, global batch "
+                f"{layout.global_batch} x {layout.seq_len} tokens, {self.max_steps} steps; {self.meter.reason}",
+                flush=True,
+            )
+            print(
+                "megatrain: parameter memory per rank (GB): "
+                + " ".join(f"{gb:.3f}" for gb in self.param_gb_per_rank),
+                flush=True,
+            )
+        self.logger.run_start(
+            {
+                "config": asdict(cfg),
+                **self.resolved,
+                "start_step": self.step,
+                "tokens_per_step": layout.tokens_per_step,
+                "accelerator": self.accel.name,
+                "peak_flops": self.peak_flops,
+                "peak_source": self.peak_source,
+                "energy_method": self.meter.method,
+                "energy_reason": self.meter.reason,
+                "skipped_steps": self.skipped,
+            }
+        )
         self.logger.event({"event": "parameter_memory", "gb_per_rank": self.param_gb_per_rank})
         record: dict = {}
         stopped = False
@@ -270,8 +399,14 @@ class Trainer:
 
             verdict = self.guard.check(loss, skipped)
             if verdict:
-                self.logger.event({"event": "skipped_step" if verdict == "nonfinite" else "loss_spike",
-                                   "step": self.step, "loss": loss, "bad_streak": self.guard.bad_streak})
+                self.logger.event(
+                    {
+                        "event": "skipped_step" if verdict == "nonfinite" else "loss_spike",
+                        "step": self.step,
+                        "loss": loss,
+                        "bad_streak": self.guard.bad_streak,
+                    }
+                )
             if self.guard.should_roll_back and self.roll_back():
                 self.guard.rolled_back()
                 if not stopped:
@@ -279,9 +414,14 @@ class Trainer:
 
             last = self.step == self.max_steps
             if self.step % cfg.run.log_every == 0 or last:
-                record = self.metrics.collect(self.step, tokens=self.consumed_now * layout.seq_len, lr=lr,
-                                              grad_norm=float(self.engine.get_global_grad_norm() or 0.0),
-                                              rollbacks=self.guard.rollbacks, param_mem_gb=max(self.param_gb_per_rank))
+                record = self.metrics.collect(
+                    self.step,
+                    tokens=self.consumed_now * layout.seq_len,
+                    lr=lr,
+                    grad_norm=float(self.engine.get_global_grad_norm() or 0.0),
+                    rollbacks=self.guard.rollbacks,
+                    param_mem_gb=max(self.param_gb_per_rank),
+                )
                 if cfg.run.eval_every and self.step % cfg.run.eval_every == 0 or last:
                     record["val_loss"] = self.evaluate()
                     record["val_ppl"] = math.exp(min(record["val_loss"], 50))
@@ -291,13 +431,23 @@ class Trainer:
             if last or stopped or (cfg.run.ckpt_every and self.step % cfg.run.ckpt_every == 0):
                 self.save()
             if stopped:
-                self.logger.event({"event": "stopped", "reason": self.stop.signal or "run.stop_at_step",
-                                   "step": self.step})
+                self.logger.event(
+                    {
+                        "event": "stopped",
+                        "reason": self.stop.signal or "run.stop_at_step",
+                        "step": self.step,
+                    }
+                )
 
         self.loader.close()
         self.logger.close()
-        return {"run_dir": str(self.run_dir), "steps": self.step, "interrupted": self.step < self.max_steps,
-                "stop_signal": self.stop.signal, **record}
+        return {
+            "run_dir": str(self.run_dir),
+            "steps": self.step,
+            "interrupted": self.step < self.max_steps,
+            "stop_signal": self.stop.signal,
+            **record,
+        }
 
 
 def train(cfg: Config) -> dict:

@@ -1,4 +1,5 @@
 """Shared fixtures; every process the tests start gets offline W&B, one thread, a cached DeepSpeed op."""
+
 from __future__ import annotations
 
 import os
@@ -23,6 +24,8 @@ def tiny_dataset(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny_dataset")
     inputs = corpus_sample(root / "raw")
     out = root / "data"
-    run_prep(PrepOptions(inputs=[str(inputs)], out=str(out), vocab_size=512, shard_tokens=40_000),
-             log=lambda *_: None)
+    run_prep(
+        PrepOptions(inputs=[str(inputs)], out=str(out), vocab_size=512, shard_tokens=40_000),
+        log=lambda *_: None,
+    )
     return out

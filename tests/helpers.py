@@ -1,4 +1,5 @@
 """Helpers for tests that start training processes or read run outputs."""
+
 from __future__ import annotations
 
 import gzip
@@ -29,16 +30,39 @@ def corpus_sample(out_dir: Path, docs_per_language: int = 60) -> Path:
     return out_dir
 
 
-def run_train(config: Path | str, overrides: list[str], nproc: int = 2, timeout: int = 600,
-              env: dict | None = None) -> subprocess.CompletedProcess:
+def run_train(
+    config: Path | str,
+    overrides: list[str],
+    nproc: int = 2,
+    timeout: int = 600,
+    env: dict | None = None,
+) -> subprocess.CompletedProcess:
     """`torchrun --nproc_per_node=N -m megatrain.cli train CONFIG overrides`, on its own port."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={free_port()}", "-m", "megatrain.cli", "train", str(config), *overrides]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
-                            env={**os.environ, **(env or {})})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={free_port()}",
+        "-m",
+        "megatrain.cli",
+        "train",
+        str(config),
+        *overrides,
+    ]
+    result = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+    )
     if result.returncode != 0:
-        raise AssertionError(f"training failed (rc {result.returncode}):\n{result.stdout[-4000:]}\n"
-                             f"{result.stderr[-6000:]}")
+        raise AssertionError(
+            f"training failed (rc {result.returncode}):\n{result.stdout[-4000:]}\n"
+            f"{result.stderr[-6000:]}"
+        )
     return result
 
 
@@ -51,13 +75,20 @@ def read_jsonl(path: Path) -> list[dict]:
 SPAM = {
     "short": "Click here.",
     "symbols": " ".join(["#tag #win #free #now ###"] * 40),
-    "repeated": "\n".join(["The best way to learn about the history of the town is to read the old letters and the "
-                           "records that the merchants have kept with care."] * 30),
-    "german": ("Der Fluss, der durch die Altstadt fließt, war mehr als tausend Jahre lang eine Quelle für Wasser, "
-               "Nahrung und Handel. Im Frühling, wenn in den Bergen der Schnee schmilzt, steigt das Wasser schnell "
-               "an, und die Bauern, die an seinen Ufern leben, treiben ihre Tiere auf höher gelegene Weiden. "
-               "Historiker haben im Archiv des Rathauses Berichte über große Überschwemmungen gefunden, dazu Briefe "
-               "von Kaufleuten, die sich beklagten, dass die Schiffe den Hafen wochenlang nicht erreichen konnten."),
+    "repeated": "\n".join(
+        [
+            "The best way to learn about the history of the town is to read the old letters and the "
+            "records that the merchants have kept with care."
+        ]
+        * 30
+    ),
+    "german": (
+        "Der Fluss, der durch die Altstadt fließt, war mehr als tausend Jahre lang eine Quelle für Wasser, "
+        "Nahrung und Handel. Im Frühling, wenn in den Bergen der Schnee schmilzt, steigt das Wasser schnell "
+        "an, und die Bauern, die an seinen Ufern leben, treiben ihre Tiere auf höher gelegene Weiden. "
+        "Historiker haben im Archiv des Rathauses Berichte über große Überschwemmungen gefunden, dazu Briefe "
+        "von Kaufleuten, die sich beklagten, dass die Schiffe den Hafen wochenlang nicht erreichen konnten."
+    ),
 }
 
 
@@ -84,39 +115,70 @@ def planted_corpus(out_dir: Path, per_language: int = 24) -> dict:
         with gzip.open(CORPUS / f"{lang}.jsonl.gz", "rt") as f:
             # long real documents, which pass the quality and repetition rules
             texts = [json.loads(line)["text"] for line in f]
-        docs[lang] = [t for t in texts if 3000 < len(t) < 12000][:per_language + 3]
+        docs[lang] = [t for t in texts if 3000 < len(t) < 12000][: per_language + 3]
     en, fr = docs["en"], docs["fr"]
 
     def jsonl(records):
-        return "".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in records)
+        return "".join(
+            (r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in records
+        )
 
-    a = [{"text": t} for t in en[:8]] + [{"text": SPAM["short"]}, "{broken json", {"body": "no text"},
-                                          json.dumps({"text": "surrogate \ud800 " + en[8]})]
+    a = [{"text": t} for t in en[:8]] + [
+        {"text": SPAM["short"]},
+        "{broken json",
+        {"body": "no text"},
+        json.dumps({"text": "surrogate \ud800 " + en[8]}),
+    ]
     (out_dir / "a.jsonl").write_text(jsonl(a))
-    b = [{"text": t} for t in fr[:8]] + [{"text": en[2]}, {"text": _edit(en[3])}, {"text": SPAM["symbols"]}]
+    b = [{"text": t} for t in fr[:8]] + [
+        {"text": en[2]},
+        {"text": _edit(en[3])},
+        {"text": SPAM["symbols"]},
+    ]
     (out_dir / "b.jsonl").write_text(jsonl(b))
     with gzip.open(out_dir / "c.jsonl.gz", "wt") as f:
-        f.write(jsonl([{"text": t} for t in en[9:14]] + [{"text": fr[4]}, {"text": SPAM["repeated"]}]))
-    (out_dir / "d.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(
-        jsonl([{"text": t} for t in fr[8:13]] + [{"text": _edit(fr[5])}, {"text": SPAM["german"]}]).encode()))
+        f.write(
+            jsonl([{"text": t} for t in en[9:14]] + [{"text": fr[4]}, {"text": SPAM["repeated"]}])
+        )
+    (out_dir / "d.jsonl.zst").write_bytes(
+        zstandard.ZstdCompressor().compress(
+            jsonl(
+                [{"text": t} for t in fr[8:13]] + [{"text": _edit(fr[5])}, {"text": SPAM["german"]}]
+            ).encode()
+        )
+    )
     (out_dir / "e.txt").write_text(en[14])
-    pq.write_table(pa.table({"text": en[15:20] + [fr[6], None]}), out_dir / "f.parquet", row_group_size=3)
+    pq.write_table(
+        pa.table({"text": en[15:20] + [fr[6], None]}), out_dir / "f.parquet", row_group_size=3
+    )
     # a bigger plain file, cut into several units by a small read.unit_mb
     big = [{"text": t} for t in fr[13:per_language] + en[20:per_language]] + [{"text": en[0]}]
     (out_dir / "g.jsonl").write_text(jsonl(big))
     # broken input
-    (out_dir / "h-latin1.jsonl").write_bytes(json.dumps({"text": en[1][:3000].replace("the", "thé")},
-                                                        ensure_ascii=False).encode("latin-1", "replace") + b"\n")
+    (out_dir / "h-latin1.jsonl").write_bytes(
+        json.dumps({"text": en[1][:3000].replace("the", "thé")}, ensure_ascii=False).encode(
+            "latin-1", "replace"
+        )
+        + b"\n"
+    )
     (out_dir / "i-empty.jsonl").write_text("")
     with gzip.open(out_dir / "j.jsonl.gz", "wt") as f:
         f.write(jsonl([{"text": t} for t in fr[per_language:]]))
-    (out_dir / "j.jsonl.gz").write_bytes((out_dir / "j.jsonl.gz").read_bytes()[:-200])   # truncated archive
-    (out_dir / "k-huge.jsonl").write_text(jsonl([{"text": "word " * 400_000}]))   # 2 MB: over max_doc_chars
+    (out_dir / "j.jsonl.gz").write_bytes(
+        (out_dir / "j.jsonl.gz").read_bytes()[:-200]
+    )  # truncated archive
+    (out_dir / "k-huge.jsonl").write_text(
+        jsonl([{"text": "word " * 400_000}])
+    )  # 2 MB: over max_doc_chars
     return {
-        "exact": 4,        # en[2] in b, fr[4] in c, fr[6] in f, en[0] in g
-        "near": 2,         # edited en[3] in b, edited fr[5] in d
-        "spam": {"length": f"{out_dir / 'a.jsonl'}:9", "quality": f"{out_dir / 'b.jsonl'}:11",
-                 "repetition": f"{out_dir / 'c.jsonl.gz'}:7", "language": f"{out_dir / 'd.jsonl.zst'}:7"},
+        "exact": 4,  # en[2] in b, fr[4] in c, fr[6] in f, en[0] in g
+        "near": 2,  # edited en[3] in b, edited fr[5] in d
+        "spam": {
+            "length": f"{out_dir / 'a.jsonl'}:9",
+            "quality": f"{out_dir / 'b.jsonl'}:11",
+            "repetition": f"{out_dir / 'c.jsonl.gz'}:7",
+            "language": f"{out_dir / 'd.jsonl.zst'}:7",
+        },
         "rejected": {"malformed_json": 1, "missing_field": 2, "too_long": 1},
         "repaired": {"invalid_utf8": 1, "lone_surrogate": 1},
         "file_problems": {"empty_file": 1, "truncated_or_corrupt_archive": 1},

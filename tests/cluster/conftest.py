@@ -38,8 +38,15 @@ CONF_MARK = "# Written by megatrain tests/cluster/local_slurm.sh"
 
 # Job states after which nothing more happens (REQUEUED, COMPLETING, PENDING... are not).
 FINAL_STATES = {
-    "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED",
-    "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "PREEMPTED",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
 }
 # Variables that would leak into sbatch/srun from a pytest that itself runs inside a job.
 _SLURM_ENV_PREFIXES = ("SLURM_", "SBATCH_", "SRUN_", "SALLOC_")
@@ -64,8 +71,14 @@ class SlurmCluster:
         self._stdout: dict[str, Path] = {}
 
     # -- submitting ------------------------------------------------------------------------
-    def submit(self, script: str | os.PathLike, *args: str, cwd: str | os.PathLike | None = None,
-               env: dict[str, str] | None = None, sbatch_args: tuple[str, ...] | list[str] = ()) -> str:
+    def submit(
+        self,
+        script: str | os.PathLike,
+        *args: str,
+        cwd: str | os.PathLike | None = None,
+        env: dict[str, str] | None = None,
+        sbatch_args: tuple[str, ...] | list[str] = (),
+    ) -> str:
         """``sbatch --parsable [sbatch_args] script args...`` from ``cwd``; returns the job id.
 
         The job inherits this process's environment (minus SLURM_*/SBATCH_*), updated with ``env``.
@@ -76,11 +89,18 @@ class SlurmCluster:
         cwd = Path(cwd) if cwd is not None else Path.cwd()
         proc = subprocess.run(
             ["sbatch", "--parsable", f"--chdir={cwd}", *sbatch_args, str(script), *map(str, args)],
-            cwd=cwd, env=job_env, capture_output=True, text=True, timeout=30, check=False,
+            cwd=cwd,
+            env=job_env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
         )
         if proc.returncode != 0:
-            raise RuntimeError(f"sbatch {script} failed (rc={proc.returncode}): {proc.stderr.strip()}")
-        job_id = proc.stdout.strip().split(";")[0]   # "<id>[;cluster]"
+            raise RuntimeError(
+                f"sbatch {script} failed (rc={proc.returncode}): {proc.stderr.strip()}"
+            )
+        job_id = proc.stdout.strip().split(";")[0]  # "<id>[;cluster]"
         # Remember where its stdout goes now: scontrol forgets a job MinJobAge (300 s) after it ends.
         self._stdout[job_id] = Path(self.job_info(job_id)["StdOut"])
         return job_id
@@ -94,15 +114,17 @@ class SlurmCluster:
         info = {}
         for field in proc.stdout.split():
             key, _, value = field.partition("=")
-            info.setdefault(key, value)   # first one wins (e.g. JobState before any nested key)
+            info.setdefault(key, value)  # first one wins (e.g. JobState before any nested key)
         return info
 
     def state(self, job_id: str) -> str:
         """Current state: from the controller while it knows the job, else from sacct."""
         state = self.job_info(job_id).get("JobState", "")
         if not state:
-            out = _run("sacct", "-X", "-n", "-P", "-j", str(job_id), "-o", "State", check=False).stdout
-            state = out.split("\n")[0].split(" ")[0]   # "CANCELLED by 0" -> "CANCELLED"
+            out = _run(
+                "sacct", "-X", "-n", "-P", "-j", str(job_id), "-o", "State", check=False
+            ).stdout
+            state = out.split("\n")[0].split(" ")[0]  # "CANCELLED by 0" -> "CANCELLED"
         return state
 
     def wait(self, job_id: str, timeout: float = 120) -> str:
@@ -135,7 +157,9 @@ class SlurmCluster:
             raise FileNotFoundError(f"no job output at {path}")
         return path.read_text(errors="replace")
 
-    def run(self, script: str | os.PathLike, *args: str, timeout: float = 120, **kw) -> tuple[str, str, str]:
+    def run(
+        self, script: str | os.PathLike, *args: str, timeout: float = 120, **kw
+    ) -> tuple[str, str, str]:
         """submit + wait + job_output: returns (job_id, final_state, output)."""
         job_id = self.submit(script, *args, **kw)
         state = self.wait(job_id, timeout)
@@ -152,8 +176,10 @@ class SlurmCluster:
 def _why_no_cluster() -> str | None:
     """Why this machine cannot get a local cluster, or None if it can."""
     if os.geteuid() != 0:
-        return ("needs root to start a local Slurm cluster "
-                "(or start it first: sudo tests/cluster/local_slurm.sh start)")
+        return (
+            "needs root to start a local Slurm cluster "
+            "(or start it first: sudo tests/cluster/local_slurm.sh start)"
+        )
     if not shutil.which("slurmctld") and not (shutil.which("apt-get") and shutil.which("dpkg")):
         return "Slurm is not installed and there is no apt-get to install it"
     if CONF.exists() and CONF_MARK not in CONF.read_text(errors="replace").splitlines():
@@ -177,12 +203,14 @@ def slurm_cluster():
         if os.environ.get("CI"):
             pytest.fail(f"CI must run the Slurm tests, but: {reason}")
         pytest.skip(reason)
-    if os.geteuid() == 0:   # no-op if already up with the same config; else (re)starts it
+    if os.geteuid() == 0:  # no-op if already up with the same config; else (re)starts it
         t0 = time.monotonic()
         proc = _run(str(SCRIPT), "start", timeout=900, check=False)
         _timings["local_slurm.sh start"] = time.monotonic() - t0
         if proc.returncode != 0:
-            pytest.fail(f"local_slurm.sh start failed (rc={proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+            pytest.fail(
+                f"local_slurm.sh start failed (rc={proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+            )
     cluster = SlurmCluster()
     yield cluster
     if not was_up and not os.environ.get("LOCAL_SLURM_KEEP"):

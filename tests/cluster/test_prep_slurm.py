@@ -1,5 +1,6 @@
 """slurm/prep.sh on the local cluster: MPI ranks under srun on two nodes, and a Slurm job array.
 Both must give the bytes of a 1-process run of the same command."""
+
 import warnings
 from pathlib import Path
 
@@ -23,8 +24,12 @@ def corpus(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("prep_slurm")
     planted_corpus(root / "raw")
     (root / "recipe.yaml").write_text(PLANTED_RECIPE)
-    run_prep(PrepOptions(inputs=[str(root / "raw")], out=str(root / "ref"), recipe=str(root / "recipe.yaml")),
-             log=lambda *_: None)
+    run_prep(
+        PrepOptions(
+            inputs=[str(root / "raw")], out=str(root / "ref"), recipe=str(root / "recipe.yaml")
+        ),
+        log=lambda *_: None,
+    )
     return root
 
 
@@ -36,13 +41,20 @@ def _args(root: Path, out: Path) -> list[str]:
 def test_prep_sh_runs_mpi_ranks_on_two_nodes(slurm_cluster, corpus, tmp_path):
     out = tmp_path / "out"
     for attempt in (1, 2):
-        job, state, log = slurm_cluster.run(SCRIPT, *_args(corpus, out), cwd=tmp_path, timeout=240,
-                                            env={"MEGATRAIN_PYTHON": slurm_cluster.python},
-                                            sbatch_args=[*LOCAL, "--nodes=2"])
+        job, state, log = slurm_cluster.run(
+            SCRIPT,
+            *_args(corpus, out),
+            cwd=tmp_path,
+            timeout=240,
+            env={"MEGATRAIN_PYTHON": slurm_cluster.python},
+            sbatch_args=[*LOCAL, "--nodes=2"],
+        )
         if state == "COMPLETED" or PMI2_GARBLED not in log or attempt == 2:
             break
-        warnings.warn(f"job {job}: Slurm's pmi2 plugin garbled a PMI message; rerunning it (the rerun resumes)",
-                      stacklevel=1)
+        warnings.warn(
+            f"job {job}: Slurm's pmi2 plugin garbled a PMI message; rerunning it (the rerun resumes)",
+            stacklevel=1,
+        )
     assert state == "COMPLETED", log
     assert "on 2 worker(s) (MPI ranks)" in log and "documents out" in log
     assert output_bytes(out) == output_bytes(corpus / "ref")
@@ -51,9 +63,13 @@ def test_prep_sh_runs_mpi_ranks_on_two_nodes(slurm_cluster, corpus, tmp_path):
 @pytest.mark.timeout(300)
 def test_prep_sh_as_a_job_array(slurm_cluster, corpus, tmp_path):
     out = tmp_path / "out"
-    job = slurm_cluster.submit(SCRIPT, *_args(corpus, out), cwd=tmp_path,
-                               env={"MEGATRAIN_PYTHON": slurm_cluster.python},
-                               sbatch_args=[*LOCAL, "--nodes=1", "--array=0-1", "--output=array-%A_%a.out"])
+    job = slurm_cluster.submit(
+        SCRIPT,
+        *_args(corpus, out),
+        cwd=tmp_path,
+        env={"MEGATRAIN_PYTHON": slurm_cluster.python},
+        sbatch_args=[*LOCAL, "--nodes=1", "--array=0-1", "--output=array-%A_%a.out"],
+    )
     assert slurm_cluster.wait(job, timeout=240) == "COMPLETED"
     logs = "".join(p.read_text() for p in sorted(tmp_path.glob("array-*.out")))
     assert "on 2 worker(s) (Slurm array tasks)" in logs, logs

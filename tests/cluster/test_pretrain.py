@@ -1,6 +1,7 @@
 """`sbatch slurm/pretrain.sh` on the local two-node Slurm cluster: training on 2 nodes x 1 task and
 1 node x 2 tasks, a warning signal -> checkpoint -> requeue -> exact resume, and Slurm's own
 time-limit warning. Fp32 on CPU: runs of the same config on two processes have bit-identical losses."""
+
 import subprocess
 import time
 
@@ -28,7 +29,11 @@ def test_one_node_two_tasks(slurm_cluster, reference_run):
     a = losses(run)
     assert sorted(a) == list(range(1, STEPS + 1)), text
     assert a[STEPS] < a[1] - 0.5, f"loss did not fall: {a}"
-    assert "(restart 0) on 1 node(s)" in text and "2 task(s)" in text and "srun exited with status 0" in text
+    assert (
+        "(restart 0) on 1 node(s)" in text
+        and "2 task(s)" in text
+        and "srun exited with status 0" in text
+    )
     assert "2 processes (dp 2 x tp 1)" in text
     ev = events(run)
     assert [e["event"] for e in ev] == ["checkpoint", "wandb_offline"], ev
@@ -37,10 +42,18 @@ def test_one_node_two_tasks(slurm_cluster, reference_run):
 
 
 @pytest.mark.timeout(300)
-def test_two_nodes_one_task_each_matches_one_node(slurm_cluster, reference_run, tiny_dataset, tmp_path):
-    job, state, _ = slurm_cluster.run(SCRIPT, CONFIG, *overrides(tiny_dataset, tmp_path / "run"), cwd=tmp_path,
-                                      env=job_env(slurm_cluster), timeout=240,
-                                      sbatch_args=["--nodes=2", "--ntasks-per-node=1", "--time=10", NO_WARNING])
+def test_two_nodes_one_task_each_matches_one_node(
+    slurm_cluster, reference_run, tiny_dataset, tmp_path
+):
+    job, state, _ = slurm_cluster.run(
+        SCRIPT,
+        CONFIG,
+        *overrides(tiny_dataset, tmp_path / "run"),
+        cwd=tmp_path,
+        env=job_env(slurm_cluster),
+        timeout=240,
+        sbatch_args=["--nodes=2", "--ntasks-per-node=1", "--time=10", NO_WARNING],
+    )
     text = job_text(slurm_cluster, job)
     assert state == "COMPLETED", text
     assert "on 2 node(s) node[1-2], 2 task(s)" in text
@@ -50,11 +63,19 @@ def test_two_nodes_one_task_each_matches_one_node(slurm_cluster, reference_run, 
 
 
 @pytest.mark.timeout(300)
-def test_warning_signal_checkpoints_requeues_and_resumes_exactly(slurm_cluster, reference_run, tiny_dataset, tmp_path):
+def test_warning_signal_checkpoints_requeues_and_resumes_exactly(
+    slurm_cluster, reference_run, tiny_dataset, tmp_path
+):
     run = tmp_path / "run"
     t0 = time.monotonic()
-    job = slurm_cluster.submit(SCRIPT, CONFIG, *overrides(tiny_dataset, run), cwd=tmp_path, env=job_env(slurm_cluster),
-                               sbatch_args=["--nodes=1", "--ntasks-per-node=2", "--time=10", NO_WARNING])
+    job = slurm_cluster.submit(
+        SCRIPT,
+        CONFIG,
+        *overrides(tiny_dataset, run),
+        cwd=tmp_path,
+        env=job_env(slurm_cluster),
+        sbatch_args=["--nodes=1", "--ntasks-per-node=2", "--time=10", NO_WARNING],
+    )
     wait_for_step(run, 3)
     # What `--signal=USR1@N` does before the time limit, at a moment the test chooses: USR1 to every task.
     subprocess.run(["scancel", "--signal=USR1", job], check=True)
@@ -65,11 +86,24 @@ def test_warning_signal_checkpoints_requeues_and_resumes_exactly(slurm_cluster, 
 
     ev = events(run)
     names = [e["event"] for e in ev]
-    assert names == ["checkpoint", "stopped", "wandb_offline", "requeued", "resumed", "checkpoint",
-                     "wandb_offline"], ev
+    assert names == [
+        "checkpoint",
+        "stopped",
+        "wandb_offline",
+        "requeued",
+        "resumed",
+        "checkpoint",
+        "wandb_offline",
+    ], ev
     stopped, requeued, resumed = ev[1], ev[3], ev[4]
     assert stopped["reason"] == "SIGUSR1" and 3 <= stopped["step"] < STEPS
-    assert requeued == {**requeued, "job_id": job, "signal": "SIGUSR1", "step": stopped["step"], "restart": 1}
+    assert requeued == {
+        **requeued,
+        "job_id": job,
+        "signal": "SIGUSR1",
+        "step": stopped["step"],
+        "restart": 1,
+    }
     assert resumed["step"] == stopped["step"] and resumed["tag"] == f"step{stopped['step']:08d}"
     assert "requeueing Slurm job" in text and "(restart 1) on 1 node(s)" in text
     assert slurm_cluster.job_info(job).get("Restarts") == "1"
@@ -81,7 +115,9 @@ def test_warning_signal_checkpoints_requeues_and_resumes_exactly(slurm_cluster, 
 
 
 @pytest.mark.timeout(300)
-def test_time_limit_warning_from_slurm_requeues_until_the_cap(slurm_cluster, tiny_dataset, tmp_path):
+def test_time_limit_warning_from_slurm_requeues_until_the_cap(
+    slurm_cluster, tiny_dataset, tmp_path
+):
     """A real 1-minute limit with `--signal=USR1@20`. slurmctld checks limits every 30 s and warns
     once fewer than N + 30 s remain, so each job is warned 10-40 s after it starts: after srun has
     started the tasks (a warning with no step running is lost) and 20 s or more before the limit.
@@ -90,15 +126,27 @@ def test_time_limit_warning_from_slurm_requeues_until_the_cap(slurm_cluster, tin
     run = tmp_path / "run"
     t0 = time.monotonic()
     job, state, _ = slurm_cluster.run(
-        SCRIPT, CONFIG, *overrides(tiny_dataset, run, "run.max_steps=100000", "run.max_restarts=1"),
-        cwd=tmp_path, env=job_env(slurm_cluster), timeout=240,
-        sbatch_args=["--nodes=1", "--ntasks-per-node=2", "--time=1", "--signal=USR1@20"])
+        SCRIPT,
+        CONFIG,
+        *overrides(tiny_dataset, run, "run.max_steps=100000", "run.max_restarts=1"),
+        cwd=tmp_path,
+        env=job_env(slurm_cluster),
+        timeout=240,
+        sbatch_args=["--nodes=1", "--ntasks-per-node=2", "--time=1", "--signal=USR1@20"],
+    )
     text = job_text(slurm_cluster, job)
     assert state == "COMPLETED", text
     print(f"two 1-minute jobs: {time.monotonic() - t0:.0f} s")
     ev = [e for e in events(run) if e["event"] != "wandb_offline"]
-    assert [e["event"] for e in ev] == ["checkpoint", "stopped", "requeued", "resumed", "checkpoint", "stopped",
-                                        "requeue_skipped"], ev
+    assert [e["event"] for e in ev] == [
+        "checkpoint",
+        "stopped",
+        "requeued",
+        "resumed",
+        "checkpoint",
+        "stopped",
+        "requeue_skipped",
+    ], ev
     first, second = ev[1]["step"], ev[5]["step"]
     assert ev[1]["reason"] == ev[5]["reason"] == "SIGUSR1" and ev[3]["step"] == first < second
     assert "restart cap reached" in ev[6]["reason"] and "not requeueing Slurm job" in text

@@ -1,5 +1,6 @@
 """The trainer on 1-2 CPU processes with real DeepSpeed (gloo): ZeRO stages agree, resume is exact,
 resume on another number of processes continues the same run, bad steps are skipped and rolled back."""
+
 import json
 import math
 
@@ -12,10 +13,22 @@ pytestmark = pytest.mark.slow
 
 
 def base(dataset, run_dir, **extra):
-    overrides = {"data.sources.0.path": dataset, "data.seq_len": 64, "batch.micro_batch": 4,
-                 "batch.grad_accum": 0, "batch.global_batch": 16, "precision": "fp32", "run.max_steps": 12,
-                 "run.log_every": 1, "run.eval_every": 0, "optim.warmup_steps": 3, "optim.lr": 1e-2,
-                 "wandb.mode": "disabled", "run.dir": run_dir, **extra}
+    overrides = {
+        "data.sources.0.path": dataset,
+        "data.seq_len": 64,
+        "batch.micro_batch": 4,
+        "batch.grad_accum": 0,
+        "batch.global_batch": 16,
+        "precision": "fp32",
+        "run.max_steps": 12,
+        "run.log_every": 1,
+        "run.eval_every": 0,
+        "optim.warmup_steps": 3,
+        "optim.lr": 1e-2,
+        "wandb.mode": "disabled",
+        "run.dir": run_dir,
+        **extra,
+    }
     return [f"{k}={v}" for k, v in overrides.items()]
 
 
@@ -32,7 +45,10 @@ def zero_runs(tiny_dataset, tmp_path_factory):
     """The same 12 steps under ZeRO 0, 1, 2, 3 and with activation checkpointing, on 2 processes."""
     root = tmp_path_factory.mktemp("zero")
     variants = {f"zero{s}": {"parallel.zero_stage": s} for s in range(4)}
-    variants["zero1-ckpt-act"] = {"parallel.zero_stage": 1, "parallel.activation_checkpointing": "true"}
+    variants["zero1-ckpt-act"] = {
+        "parallel.zero_stage": 1,
+        "parallel.activation_checkpointing": "true",
+    }
     out = {}
     for name, extra in variants.items():
         run_train(TINY, base(tiny_dataset, root / name, **extra))
@@ -59,17 +75,28 @@ def test_resume_on_a_different_number_of_processes(tiny_dataset, tmp_path, zero_
         got = losses(run_dir)
         assert sorted(got) == list(range(1, 13))
         diffs = [abs(got[s] - reference[s]) for s in range(1, 13)]
-        assert max(diffs) < 1e-4, f"{first}->{second} processes: losses differ by up to {max(diffs):.2e}: {got}"
+        assert max(diffs) < 1e-4, (
+            f"{first}->{second} processes: losses differ by up to {max(diffs):.2e}: {got}"
+        )
         resumed = events(run_dir, "resumed")[0]
-        assert resumed["universal"] and resumed["step"] == 6 and resumed["consumed_samples"] == 6 * 16
-        assert (run_dir / "checkpoints" / "step00000006-universal" / "megatrain-universal.done").exists()
+        assert (
+            resumed["universal"] and resumed["step"] == 6 and resumed["consumed_samples"] == 6 * 16
+        )
+        assert (
+            run_dir / "checkpoints" / "step00000006-universal" / "megatrain-universal.done"
+        ).exists()
 
 
 @pytest.mark.parametrize("zero_stage", [0, 2])
-def test_non_finite_steps_are_skipped_then_rolled_back(tiny_dataset, tmp_path, zero_stage, zero_runs):
+def test_non_finite_steps_are_skipped_then_rolled_back(
+    tiny_dataset, tmp_path, zero_stage, zero_runs
+):
     run_dir = tmp_path / "nan"
-    args = base(tiny_dataset, run_dir, **{"parallel.zero_stage": zero_stage, "run.ckpt_every": 4,
-                                         "guard.max_bad_steps": 2})
+    args = base(
+        tiny_dataset,
+        run_dir,
+        **{"parallel.zero_stage": zero_stage, "run.ckpt_every": 4, "guard.max_bad_steps": 2},
+    )
     # step 6 alone is skipped; steps 9 and 10 in a row trigger a rollback to step 8
     run_train(TINY, args, env={"MEGATRAIN_INJECT_NAN_AT_STEPS": "6,9,10"})
     records = read_jsonl(run_dir / "metrics.jsonl")
@@ -84,12 +111,18 @@ def test_non_finite_steps_are_skipped_then_rolled_back(tiny_dataset, tmp_path, z
     (rollback,) = events(run_dir, "rollback")
     assert rollback["from_step"] == 10 and rollback["to_step"] == 8
     assert rollback["skipped_samples"] == [8 * 16, 10 * 16]  # the bad window is not read again
-    assert records[-1]["step"] == 12 and records[-1]["skipped_steps"] >= 3 and records[-1]["rollbacks"] == 1
+    assert (
+        records[-1]["step"] == 12
+        and records[-1]["skipped_steps"] >= 3
+        and records[-1]["rollbacks"] == 1
+    )
 
 
 def test_corrupt_checkpoint_is_refused_and_the_previous_one_used(tiny_dataset, tmp_path, zero_runs):
     run_dir = tmp_path / "corrupt"
-    args = base(tiny_dataset, run_dir, **{"parallel.zero_stage": 1, "run.ckpt_every": 3, "run.keep": 3})
+    args = base(
+        tiny_dataset, run_dir, **{"parallel.zero_stage": 1, "run.ckpt_every": 3, "run.keep": 3}
+    )
     run_train(TINY, args + ["run.stop_at_step=6"])
     shard = run_dir / "checkpoints" / "step00000006" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     data = bytearray(shard.read_bytes())
@@ -97,10 +130,14 @@ def test_corrupt_checkpoint_is_refused_and_the_previous_one_used(tiny_dataset, t
     shard.write_bytes(bytes(data))
     run_train(TINY, args)
     (rejected,) = events(run_dir, "checkpoint_rejected")
-    assert rejected["tag"] == "step00000006" and "zero_pp_rank_1_mp_rank_00_optim_states.pt is corrupt" in \
-        rejected["reason"]
+    assert (
+        rejected["tag"] == "step00000006"
+        and "zero_pp_rank_1_mp_rank_00_optim_states.pt is corrupt" in rejected["reason"]
+    )
     assert events(run_dir, "resumed")[0]["tag"] == "step00000003"
     got = losses(run_dir)  # steps 4-6 were redone from step 3: same losses as the uninterrupted run
     assert all(abs(got[s] - zero_runs["zero1"][s]) < 1e-6 for s in range(1, 13))
-    manifest = json.loads((run_dir / "checkpoints" / "step00000012" / "megatrain-checkpoint.json").read_text())
+    manifest = json.loads(
+        (run_dir / "checkpoints" / "step00000012" / "megatrain-checkpoint.json").read_text()
+    )
     assert manifest["step"] == 12

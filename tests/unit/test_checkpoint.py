@@ -21,7 +21,12 @@ def test_prune_keeps_the_newest_and_the_permanent_ones(tmp_path):
         fake_checkpoint(tmp_path, step)
     (tmp_path / "step00001100").mkdir()  # an unfinished save: no manifest, never a checkpoint
     prune(tmp_path, keep=3, keep_every=500)
-    assert complete_tags(tmp_path) == ["step00000500", "step00000800", "step00000900", "step00001000"]
+    assert complete_tags(tmp_path) == [
+        "step00000500",
+        "step00000800",
+        "step00000900",
+        "step00001000",
+    ]
 
 
 def test_verify_names_the_missing_or_corrupt_file(tmp_path):
@@ -40,4 +45,6 @@ def test_layout_changes_that_need_a_universal_checkpoint():
     assert needs_universal(saved, dp_size=2, tp_size=2, zero_stage=2)
     assert needs_universal(saved, dp_size=4, tp_size=1, zero_stage=3)
     zero0 = {"layout": {"dp_size": 4, "tp_size": 1, "zero_stage": 0}}
-    assert not needs_universal(zero0, dp_size=1, tp_size=1, zero_stage=0)  # whole states load anywhere
+    assert not needs_universal(
+        zero0, dp_size=1, tp_size=1, zero_stage=0
+    )  # whole states load anywhere

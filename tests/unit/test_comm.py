@@ -1,4 +1,5 @@
 """FileComm: the collectives that local workers and Slurm array tasks use, on real files."""
+
 import threading
 import time
 
@@ -16,7 +17,7 @@ def run_ranks(directory, size, fn):
     def target(rank):
         try:
             results[rank] = fn(FileComm(directory, rank, size, log=lambda *_: None))
-        except Exception as e:   # surfaced below
+        except Exception as e:  # surfaced below
             errors.append(e)
 
     threads = [threading.Thread(target=target, args=(r,)) for r in range(size)]
@@ -42,13 +43,15 @@ def test_allgather_and_alltoall(tmp_path):
 
 def test_partitioned_dedup_is_the_same_on_any_number_of_ranks(tmp_path):
     rng = np.random.default_rng(0)
-    hashes = rng.integers(0, 50, 200).astype(np.uint64)      # many exact duplicates
+    hashes = rng.integers(0, 50, 200).astype(np.uint64)  # many exact duplicates
     bands = rng.integers(0, 400, (200, 4)).astype(np.uint64)  # some shared buckets
     gids = np.arange(200, dtype=np.int64)
 
     def fn(comm):
-        mine = [(hashes[i::comm.size], gids[i::comm.size]) for i in [comm.rank]]   # round-robin split
-        mine_near = [(bands[comm.rank::comm.size], gids[comm.rank::comm.size])]
+        mine = [
+            (hashes[i :: comm.size], gids[i :: comm.size]) for i in [comm.rank]
+        ]  # round-robin split
+        mine_near = [(bands[comm.rank :: comm.size], gids[comm.rank :: comm.size])]
         exact = exact_duplicates(comm, mine)
         near = near_duplicates(comm, mine_near, 4)
         return [a.tolist() for a in (*exact, *near)]
@@ -63,7 +66,7 @@ def test_partitioned_dedup_is_the_same_on_any_number_of_ranks(tmp_path):
 def test_a_rank_that_dies_silently_is_noticed(tmp_path, monkeypatch):
     monkeypatch.setenv("MEGATRAIN_PREP_STALE_S", "0.5")
     dead = FileComm(tmp_path, 1, 2, log=lambda *_: None)
-    dead._beat.set()   # its process is gone: no more heartbeats, no more calls
+    dead._beat.set()  # its process is gone: no more heartbeats, no more calls
     time.sleep(0.8)
     with pytest.raises(CommAborted, match="rank 1 stopped without a word"):
         FileComm(tmp_path, 0, 2, log=lambda *_: None).barrier()
@@ -72,6 +75,11 @@ def test_a_rank_that_dies_silently_is_noticed(tmp_path, monkeypatch):
 def test_launcher_detection():
     assert detect_launcher({}) == "local"
     assert detect_launcher({"PMI_RANK": "0", "PMI_SIZE": "2"}) == "mpi"
-    assert detect_launcher({"SLURM_ARRAY_TASK_ID": "3", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "1"}) == "array"
+    assert (
+        detect_launcher({"SLURM_ARRAY_TASK_ID": "3", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "1"})
+        == "array"
+    )
     assert detect_launcher({"SLURM_STEP_ID": "0", "SLURM_NTASKS": "4"}) == "srun"
-    assert detect_launcher({"SLURM_JOB_ID": "1", "SLURM_NTASKS": "4"}) == "local"   # the batch script itself
+    assert (
+        detect_launcher({"SLURM_JOB_ID": "1", "SLURM_NTASKS": "4"}) == "local"
+    )  # the batch script itself

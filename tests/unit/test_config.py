@@ -20,7 +20,7 @@ TINY = REPO / "configs" / "tiny.yaml"
 
 def test_tiny_config_loads_with_preset_merged():
     cfg = load_config(TINY)
-    assert cfg.model.n_layer == 4 and cfg.model.d_model == 128   # from configs/models/tiny.yaml
+    assert cfg.model.n_layer == 4 and cfg.model.d_model == 128  # from configs/models/tiny.yaml
     assert cfg.parallel.zero_stage == 2 and cfg.precision == "fp32"
     assert isinstance(cfg.optim.lr, float) and cfg.optim.lr == 3e-3
 
@@ -29,7 +29,9 @@ def test_unknown_key_names_key_and_closest_valid_one():
     with pytest.raises(ConfigError) as e:
         load_config(TINY, ["optim.learning_rate=1e-3"])
     assert "'optim.learning_rate'" in str(e.value)
-    with pytest.raises(ConfigError, match=r"unknown key 'run.max_step'; did you mean 'run.max_steps'\?"):
+    with pytest.raises(
+        ConfigError, match=r"unknown key 'run.max_step'; did you mean 'run.max_steps'\?"
+    ):
         load_config(TINY, ["run.max_step=3"])
     with pytest.raises(ConfigError, match="did you mean 'parallel'"):
         load_config(TINY, ["paralel.zero_stage=1"])
@@ -40,16 +42,22 @@ def test_mistyped_values_are_refused_with_the_key():
         load_config(TINY, ["run.max_steps=2.5"])
     with pytest.raises(ConfigError, match="'batch.micro_batch' should be a number"):
         load_config(TINY, ["batch.micro_batch=eight"])
-    with pytest.raises(ConfigError, match=r"'precision' = 'bf61' is not one of .*did you mean 'bf16'"):
+    with pytest.raises(
+        ConfigError, match=r"'precision' = 'bf61' is not one of .*did you mean 'bf16'"
+    ):
         load_config(TINY, ["precision=bf61"])
-    with pytest.raises(ConfigError, match="'parallel.activation_checkpointing' should be true or false"):
+    with pytest.raises(
+        ConfigError, match="'parallel.activation_checkpointing' should be true or false"
+    ):
         load_config(TINY, ["parallel.activation_checkpointing=3"])
 
 
 def test_cross_field_checks_name_the_key():
     with pytest.raises(ConfigError, match="'model.d_model' .* divisible by 'model.n_head'"):
         load_config(TINY, ["model.n_head=5"])
-    with pytest.raises(ConfigError, match="'parallel.offload_params' needs 'parallel.zero_stage: 3'"):
+    with pytest.raises(
+        ConfigError, match="'parallel.offload_params' needs 'parallel.zero_stage: 3'"
+    ):
         load_config(TINY, ["parallel.offload_params=cpu"])
     with pytest.raises(ConfigError, match="no models preset 'tiyn'.*did you mean 'tiny'"):
         load_config(TINY, ["model.preset=tiyn"])
@@ -73,8 +81,12 @@ def test_batch_layout_from_global_batch_or_accumulation():
     assert resolve_batch(cfg, 4).grad_accum == 4
     with pytest.raises(ConfigError, match="not divisible by micro_batch 4 x 3 data-parallel ranks"):
         resolve_batch(cfg, 3)
-    cfg = load_config(TINY, ["batch.grad_accum=0", "batch.global_tokens=4096", "batch.micro_batch=8"])
-    assert resolve_batch(cfg, 2).global_batch == 32 and resolve_batch(cfg, 2).tokens_per_step == 4096
+    cfg = load_config(
+        TINY, ["batch.grad_accum=0", "batch.global_tokens=4096", "batch.micro_batch=8"]
+    )
+    assert (
+        resolve_batch(cfg, 2).global_batch == 32 and resolve_batch(cfg, 2).tokens_per_step == 4096
+    )
 
 
 def test_every_field_is_documented_and_the_reference_renders():

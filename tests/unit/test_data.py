@@ -2,7 +2,14 @@ import numpy as np
 import pytest
 
 from megatrain.config import BatchLayout
-from megatrain.data import IGNORE_INDEX, DataLoader, Mixture, PackedSamples, Permutation, validation_batches
+from megatrain.data import (
+    IGNORE_INDEX,
+    DataLoader,
+    Mixture,
+    PackedSamples,
+    Permutation,
+    validation_batches,
+)
 from megatrain.shards import Dataset
 from tests.unit.test_shards import make_dataset
 
@@ -39,7 +46,7 @@ def test_train_and_validation_samples_are_disjoint_and_epochs_reshuffle(dataset)
 
 
 def test_mixture_honours_weights_in_every_window():
-    weights = [67, 15, 4.5, 4.5, 4.5, 2.5, 2]   # the LLaMA table
+    weights = [67, 15, 4.5, 4.5, 4.5, 2.5, 2]  # the LLaMA table
     mix = Mixture(weights)
     expected = np.array(weights) / sum(weights)
     for start, length in [(0, 10_000), (123_457, 50_000), (10**9, 5_000)]:
@@ -47,7 +54,9 @@ def test_mixture_honours_weights_in_every_window():
         share = np.bincount(d, minlength=len(weights)) / length
         assert np.abs(share - expected).max() < 0.01
     d, j = mix.locate(np.arange(30_000))
-    for k in range(len(weights)):  # each dataset's samples are taken in order, none skipped or repeated
+    for k in range(
+        len(weights)
+    ):  # each dataset's samples are taken in order, none skipped or repeated
         assert np.array_equal(j[d == k], np.arange((d == k).sum()))
 
 
@@ -57,7 +66,9 @@ def test_global_order_does_not_depend_on_world_size(dataset):
     for dp in (1, 2, 4):
         layout = BatchLayout(micro_batch=2, grad_accum=4 // dp, dp_size=dp, seq_len=16)
         steps = []
-        loaders = [DataLoader(samples, [1.0], layout, r, consumed_samples=0, prefetch=1) for r in range(dp)]
+        loaders = [
+            DataLoader(samples, [1.0], layout, r, consumed_samples=0, prefetch=1) for r in range(dp)
+        ]
         for _ in range(5):
             rows = [b.inputs for ld in loaders for b in ld.next_step()]
             steps.append(np.concatenate([r.numpy() for r in rows]))
@@ -82,7 +93,9 @@ def test_loader_resumes_at_consumed_samples(dataset):
 
 def test_validation_batches_pad_so_every_rank_runs_the_same_number(dataset):
     samples = [PackedSamples(dataset, 16, 0.05, seed=1)]
-    per_rank = [validation_batches(samples, [1.0], 9, micro_batch=4, dp_rank=r, dp_size=2) for r in range(2)]
+    per_rank = [
+        validation_batches(samples, [1.0], 9, micro_batch=4, dp_rank=r, dp_size=2) for r in range(2)
+    ]
     assert [len(b) for b in per_rank] == [2, 2]
     real = sum(int((b.targets != IGNORE_INDEX).any(dim=1).sum()) for bs in per_rank for b in bs)
     assert real == 9
@@ -99,9 +112,14 @@ def test_mixture_of_two_datasets_honours_weights_over_a_run(tmp_path):
         d = tmp_path / name
         d.mkdir()
         rng = np_.random.default_rng(len(name))
-        docs = [np_.append(rng.integers(low, high, size=200), 0 if name == "a" else 999) for _ in range(50)]
+        docs = [
+            np_.append(rng.integers(low, high, size=200), 0 if name == "a" else 999)
+            for _ in range(50)
+        ]
         info = write_shard(d / "shard-00000.arrow", docs, 1000)
-        Manifest(vocab_size=1000, eos_id=0, tokenizer_file="t", tokenizer_sha256="x", shards=[info]).write(d)
+        Manifest(
+            vocab_size=1000, eos_id=0, tokenizer_file="t", tokenizer_sha256="x", shards=[info]
+        ).write(d)
         sources.append(PackedSamples(Dataset(d), 16, 0.0, seed=1))
     layout = BatchLayout(micro_batch=8, grad_accum=1, dp_size=2, seq_len=16)
     counts = np_.zeros(2)

@@ -29,7 +29,9 @@ from data_prep.dedup import (
 def make_docs(n, seed=0, words=400):
     """n unrelated documents of random words from a 2000-word made-up vocabulary."""
     rng = random.Random(seed)
-    vocab = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(6)) for _ in range(2000)]
+    vocab = [
+        "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(6)) for _ in range(2000)
+    ]
     return [" ".join(rng.choice(vocab) for _ in range(words)) for _ in range(n)]
 
 
@@ -186,6 +188,8 @@ def test_hashes_are_identical_in_other_processes():
     for seed in ("1", "2"):
         env = {**os.environ, "PYTHONHASHSEED": seed}
         command = [sys.executable, "-c", code]
-        out = subprocess.run(command, input=text, env=env, capture_output=True, text=True, check=False)
+        out = subprocess.run(
+            command, input=text, env=env, capture_output=True, text=True, check=False
+        )
         assert out.returncode == 0, out.stderr
         assert json.loads(out.stdout) == here

@@ -1,4 +1,5 @@
 """Energy meters on a controlled clock, a fake powercap tree and a fake NVML (no GPU needed)."""
+
 import os
 import types
 from pathlib import Path
@@ -32,6 +33,7 @@ class FakeClock:
 
 # -- estimate ---------------------------------------------------------------------------------
 
+
 def test_estimate_meter_is_power_times_time():
     clock = FakeClock()
     meter = EstimateMeter(35.0, clock=clock)
@@ -52,6 +54,7 @@ def test_zero_meter_keeps_the_method_label():
 
 
 # -- RAPL on a fake /sys/class/powercap --------------------------------------------------------
+
 
 def _zone(root: Path, name: str, label: str, energy_uj: int, max_uj: int = MAX_UJ):
     z = root / name
@@ -91,13 +94,15 @@ def test_rapl_sums_packages_only(powercap):
     assert meter.method == "rapl"
     assert "intel-rapl:0 (package-0)" in meter.reason and "intel-rapl:1 (package-1)" in meter.reason
     assert "psys" not in meter.reason and "mmio" not in meter.reason
-    _set(z["pkg0"], 1_000_000 + 60_000_000)   # +60 J
-    _set(z["pkg1"], 3_000_000 + 40_000_000)   # +40 J
+    _set(z["pkg0"], 1_000_000 + 60_000_000)  # +60 J
+    _set(z["pkg1"], 3_000_000 + 40_000_000)  # +40 J
     for k in ("core0", "dram0", "dram1", "psys", "mmio"):  # must not be added
         _set(z[k], 10**11)
     clock.t += 2.0
     s = meter.read()
-    assert s.joules == pytest.approx(100.0) and s.power_w == pytest.approx(50.0) and s.method == "rapl"
+    assert (
+        s.joules == pytest.approx(100.0) and s.power_w == pytest.approx(50.0) and s.method == "rapl"
+    )
 
 
 def test_rapl_include_dram_adds_dram_not_core(powercap):
@@ -151,8 +156,10 @@ def test_rapl_missing_tree_is_unavailable(tmp_path):
 
 # -- NVML, through a fake module with pynvml's own error class ---------------------------------
 
+
 def fake_nvml(energy_mj, power_mw, unsupported=(), error=pynvml.NVML_ERROR_NOT_SUPPORTED):
     """energy_mj / power_mw: dicts index -> value, mutated by tests to move time forward."""
+
     def total_energy(h):
         if h in unsupported:
             raise pynvml.NVMLError(error)
@@ -162,7 +169,8 @@ def fake_nvml(energy_mj, power_mw, unsupported=(), error=pynvml.NVML_ERROR_NOT_S
         NVMLError=pynvml.NVMLError,
         NVML_ERROR_NOT_SUPPORTED=pynvml.NVML_ERROR_NOT_SUPPORTED,
         NVML_ERROR_FUNCTION_NOT_FOUND=pynvml.NVML_ERROR_FUNCTION_NOT_FOUND,
-        nvmlInit=lambda: None, nvmlShutdown=lambda: None,
+        nvmlInit=lambda: None,
+        nvmlShutdown=lambda: None,
         nvmlDeviceGetHandleByIndex=lambda i: i,
         nvmlDeviceGetHandleByUUID=lambda u: int(u.removeprefix("GPU-fake")),
         nvmlDeviceGetTotalEnergyConsumption=total_energy,
@@ -181,18 +189,22 @@ def test_nvml_energy_counter_subtracts_start():
     assert (s.joules, s.power_w, s.method) == (4000.0, 400.0, "nvml")
 
 
-@pytest.mark.parametrize("error", [pynvml.NVML_ERROR_NOT_SUPPORTED, pynvml.NVML_ERROR_FUNCTION_NOT_FOUND])
+@pytest.mark.parametrize(
+    "error", [pynvml.NVML_ERROR_NOT_SUPPORTED, pynvml.NVML_ERROR_FUNCTION_NOT_FOUND]
+)
 def test_nvml_integrates_power_without_counter(error):
     mw = {0: 100_000, 1: 200_000}
     mj = {0: 0, 1: 0}
     clock = FakeClock()
-    meter = NvmlMeter([0, "GPU-fake1"], nvml=fake_nvml(mj, mw, unsupported={1}, error=error), clock=clock)
+    meter = NvmlMeter(
+        [0, "GPU-fake1"], nvml=fake_nvml(mj, mw, unsupported={1}, error=error), clock=clock
+    )
     assert "power integrated" in meter.reason and "GPU-fake1" in meter.reason
     clock.t += 10.0
-    mw[1] = 300_000              # 200 W -> 300 W over 10 s: trapezoid = 2500 J
-    mj[0] += 1_000_000           # GPU 0 has a counter: 1 kJ
+    mw[1] = 300_000  # 200 W -> 300 W over 10 s: trapezoid = 2500 J
+    mj[0] += 1_000_000  # GPU 0 has a counter: 1 kJ
     assert meter.read().joules == pytest.approx(3500.0)
-    clock.t += 10.0              # flat 300 W: +3000 J
+    clock.t += 10.0  # flat 300 W: +3000 J
     assert meter.read().joules == pytest.approx(6500.0)
 
 
@@ -230,9 +242,12 @@ def test_nvml_device_for_cuda_uses_cuda_visible_devices(monkeypatch):
 
 # -- make_meter: picks, never raises, says why ------------------------------------------------
 
+
 @pytest.mark.skipif(_nvml_works(), reason="this host has NVML")
 def test_make_meter_cuda_without_nvml_falls_back_to_estimate():
-    meter = make_meter("cuda", local_rank=0, fallback_power_w=300.0, fallback_source="cluster profile")
+    meter = make_meter(
+        "cuda", local_rank=0, fallback_power_w=300.0, fallback_source="cluster profile"
+    )
     assert isinstance(meter, EstimateMeter) and meter.method == "estimate"
     assert meter.reason.startswith("energy: estimate (no NVML: ")
     assert meter.reason.endswith("300 W per process from cluster profile")
@@ -242,7 +257,9 @@ def test_make_meter_cuda_without_nvml_falls_back_to_estimate():
 def test_make_meter_cuda_with_nvml(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
     monkeypatch.setattr(energy, "nvml_device_for_cuda", lambda i: [4, 5, 6, 7][i])
-    meter = make_meter("cuda:2", local_rank=0, fallback_power_w=300.0, nvml=fake_nvml({6: 0}, {6: 0}))
+    meter = make_meter(
+        "cuda:2", local_rank=0, fallback_power_w=300.0, nvml=fake_nvml({6: 0}, {6: 0})
+    )
     assert isinstance(meter, NvmlMeter)
     assert meter.reason == "energy: nvml: energy counter of GPU 6 (cuda:2 = NVML 6)"
 
@@ -260,8 +277,10 @@ def test_make_meter_cpu_permission_denied(powercap, monkeypatch):
     monkeypatch.setattr(Path, "read_text", read_text)
     meter = make_meter("cpu", 0, 35.0, fallback_source="cluster profile", rapl_root=root)
     assert meter.method == "estimate"
-    assert meter.reason == (f"energy: estimate (RAPL not readable: permission denied on {locked}); "
-                            "35 W per process from cluster profile")
+    assert meter.reason == (
+        f"energy: estimate (RAPL not readable: permission denied on {locked}); "
+        "35 W per process from cluster profile"
+    )
 
 
 def test_make_meter_cpu_without_powercap(tmp_path):
@@ -281,10 +300,13 @@ def test_make_meter_cpu_rapl_only_local_rank_0_counts(powercap):
     assert isinstance(rank1, ZeroMeter) and rank1.method == "rapl"
     _set(z["pkg0"], 1_000_000 + 10_000_000)
     clock.t += 1.0
-    assert rank0.read().joules + rank1.read().joules == pytest.approx(10.0)  # what an all-reduce sums
+    assert rank0.read().joules + rank1.read().joules == pytest.approx(
+        10.0
+    )  # what an all-reduce sums
 
 
 # -- facility energy and CO2 ------------------------------------------------------------------
+
 
 def test_facility_kwh_and_co2():
     assert facility_kwh(3.6e6, 1.0) == pytest.approx(1.0)

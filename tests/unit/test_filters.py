@@ -59,7 +59,9 @@ def random_words(n, seed, vocabulary=300):
     """n words drawn from a made-up vocabulary of distinct 4-8 letter words (no stop words)."""
     rng = random.Random(seed)
     letters = "bcdfghjkmpqrvwxz"  # no vowels: cannot spell a stop word by accident
-    vocab = ["".join(rng.choice(letters) for _ in range(rng.randint(4, 8))) for _ in range(vocabulary)]
+    vocab = [
+        "".join(rng.choice(letters) for _ in range(rng.randint(4, 8))) for _ in range(vocabulary)
+    ]
     return [rng.choice(vocab) for _ in range(n)]
 
 
@@ -104,7 +106,15 @@ def test_normalize_is_idempotent():
         assert unicodedata.is_normalized("NFC", once)
     # Fuzz with the characters most likely to break idempotence: combining marks, Hangul jamo
     # (compose under NFC), singletons (Angstrom sign), every kind of space, controls, invisibles.
-    alphabet = list("ae \n\t\r.") + ["\u0301", "\u0327", "\u1100", "\u1161", "\u212b", "\u00c5", "\x00"]
+    alphabet = list("ae \n\t\r.") + [
+        "\u0301",
+        "\u0327",
+        "\u1100",
+        "\u1161",
+        "\u212b",
+        "\u00c5",
+        "\x00",
+    ]
     alphabet += list(_SPACES) + ["\x85", "\u2028", "\u00ad", "\u200b", "\ufeff", "\x0c", "\x1f"]
     rng = random.Random(0)
     for _ in range(3000):
@@ -152,10 +162,14 @@ def test_quality_drops_with_reasons():
     assert q.check("#### @@@ $$$ %%% &&& *** !!! ??? ### ~~~ ^^^ " * 20) == "quality:word_count"
     hashtags = EN + " " + " ".join(f"#tag{i}" for i in range(20))
     assert q.check(hashtags) == "quality:symbol_word_ratio"
-    teasers = "\n".join(f"Read the story number {i} about the river and the old town..." for i in range(20))
+    teasers = "\n".join(
+        f"Read the story number {i} about the river and the old town..." for i in range(20)
+    )
     assert q.check(teasers) == "quality:ellipsis_lines"
     assert q.check(" ".join("abcdefg"[i % 7] for i in range(80))) == "quality:mean_word_length"
-    table = EN + "\n" + "\n".join(" ".join(str(123456 + i * j) for j in range(10)) for i in range(40))
+    table = (
+        EN + "\n" + "\n".join(" ".join(str(123456 + i * j) for j in range(10)) for i in range(40))
+    )
     assert q.check(table) == "quality:alpha_words"
     no_stop_words = " ".join(random_words(80, seed=1))
     assert q.check(no_stop_words) == "quality:stop_words"
@@ -220,7 +234,10 @@ def test_repetition_ngram_overlaps_are_counted_once():
 
 
 def test_build_filter_and_first_rejection():
-    filters = [build_filter({"name": "length", "min_chars": 100}), build_filter({"name": "quality"})]
+    filters = [
+        build_filter({"name": "length", "min_chars": 100}),
+        build_filter({"name": "quality"}),
+    ]
     assert isinstance(filters[0], LengthFilter) and filters[0].min_chars == 100
     assert first_rejection(filters, "tiny") == "length:too_short"
     assert first_rejection(filters, EN) is None

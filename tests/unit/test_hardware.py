@@ -1,4 +1,5 @@
 """Peak table values, device-name matching, peak_flops units and detection (no GPU needed)."""
+
 import pytest
 import torch
 
@@ -29,27 +30,32 @@ def test_table_is_complete_and_dense():
             assert p["bf16"] is None and p["fp16"] > p["fp32"]
 
 
-@pytest.mark.parametrize("name, key", [
-    ("Tesla V100-SXM2-16GB", "V100-SXM2-16GB"),
-    ("Tesla V100-SXM2-32GB", "V100-SXM2-32GB"),
-    ("Tesla V100-PCIE-32GB", "V100-PCIe"),
-    ("Tesla V100S-PCIE-32GB", "V100S-PCIe"),
-    ("NVIDIA A100-SXM4-40GB", "A100-SXM-40GB"),
-    ("NVIDIA A100-SXM4-80GB", "A100-SXM-80GB"),
-    ("NVIDIA A100-PCIE-40GB", "A100-PCIe-40GB"),
-    ("NVIDIA A100 80GB PCIe", "A100-PCIe-80GB"),
-    ("NVIDIA H100 80GB HBM3", "H100-SXM"),
-    ("H100", "H100-SXM"),
-    ("NVIDIA H100 PCIe", "H100-PCIe"),
-    ("NVIDIA H100 NVL", "H100-NVL"),
-    ("NVIDIA H200", "H200-SXM"),
-    ("NVIDIA H200 NVL", "H200-NVL"),
-])
+@pytest.mark.parametrize(
+    "name, key",
+    [
+        ("Tesla V100-SXM2-16GB", "V100-SXM2-16GB"),
+        ("Tesla V100-SXM2-32GB", "V100-SXM2-32GB"),
+        ("Tesla V100-PCIE-32GB", "V100-PCIe"),
+        ("Tesla V100S-PCIE-32GB", "V100S-PCIe"),
+        ("NVIDIA A100-SXM4-40GB", "A100-SXM-40GB"),
+        ("NVIDIA A100-SXM4-80GB", "A100-SXM-80GB"),
+        ("NVIDIA A100-PCIE-40GB", "A100-PCIe-40GB"),
+        ("NVIDIA A100 80GB PCIe", "A100-PCIe-80GB"),
+        ("NVIDIA H100 80GB HBM3", "H100-SXM"),
+        ("H100", "H100-SXM"),
+        ("NVIDIA H100 PCIe", "H100-PCIe"),
+        ("NVIDIA H100 NVL", "H100-NVL"),
+        ("NVIDIA H200", "H200-SXM"),
+        ("NVIDIA H200 NVL", "H200-NVL"),
+    ],
+)
 def test_match_accelerator(name, key):
     assert match_accelerator(name).key == key
 
 
-@pytest.mark.parametrize("name", ["NVIDIA GH200 480GB", "NVIDIA GeForce RTX 4090", "NVIDIA A800-SXM4-80GB", ""])
+@pytest.mark.parametrize(
+    "name", ["NVIDIA GH200 480GB", "NVIDIA GeForce RTX 4090", "NVIDIA A800-SXM4-80GB", ""]
+)
 def test_unknown_names_do_not_match(name):
     assert match_accelerator(name) is None
 
@@ -57,7 +63,9 @@ def test_unknown_names_do_not_match(name):
 def test_peak_flops_units_and_aliases():
     h100 = ACCELERATORS["H100-SXM"]
     assert peak_flops(h100, "bf16") == pytest.approx(989.4e12)
-    assert peak_flops(h100, "bfloat16") == peak_flops(h100, torch.bfloat16) == peak_flops(h100, "BF16")
+    assert (
+        peak_flops(h100, "bfloat16") == peak_flops(h100, torch.bfloat16) == peak_flops(h100, "BF16")
+    )
     assert peak_flops(h100, "float32") == pytest.approx(67e12)
     with pytest.raises(ValueError, match="unknown precision"):
         peak_flops(h100, "fp8")
@@ -84,8 +92,10 @@ def test_detect_accelerator_cpu_fallback():
     assert peak_flops(accel, "fp32") == pytest.approx(torch.get_num_threads() * 0.1e12)
 
 
-@pytest.mark.parametrize("device_name, key", [("NVIDIA A100-SXM4-80GB", "A100-SXM-80GB"),
-                                              ("NVIDIA Foo 9000", "unknown-gpu")])
+@pytest.mark.parametrize(
+    "device_name, key",
+    [("NVIDIA A100-SXM4-80GB", "A100-SXM-80GB"), ("NVIDIA Foo 9000", "unknown-gpu")],
+)
 def test_detect_accelerator_gpu_names(monkeypatch, device_name, key):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)

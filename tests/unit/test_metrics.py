@@ -1,4 +1,5 @@
 """Metrics math on known inputs: MFU, throughput, the step-time split, energy, CO2, GPU-hours, projections."""
+
 import pytest
 import torch
 
@@ -15,8 +16,17 @@ def test_mfu_known_inputs():
 
 
 def make(clock, meter=None, **kw):
-    args = dict(tokens_per_step=1024, world_size=1, flops_per_token=1e6, peak_flops=1e12, pue=1.5,
-                intensity_g_per_kwh=50.0, device=torch.device("cpu"), max_steps=10, first_step=0)
+    args = dict(
+        tokens_per_step=1024,
+        world_size=1,
+        flops_per_token=1e6,
+        peak_flops=1e12,
+        pue=1.5,
+        intensity_g_per_kwh=50.0,
+        device=torch.device("cpu"),
+        max_steps=10,
+        first_step=0,
+    )
     args.update(kw)
     return StepMetrics(meter=meter or EstimateMeter(100.0, clock=clock), clock=clock, **args)
 
@@ -101,7 +111,9 @@ def test_nvml_meter_is_read_at_each_collect():
     step(m, clock, 0.0, 1.0, 1.0, 1.0)
     mj[0] += 1_400_000
     r = m.collect(2)
-    assert r["power_w"] == pytest.approx(700.0) and r["energy_kwh_it"] == pytest.approx(2100 / 3.6e6)
+    assert r["power_w"] == pytest.approx(700.0) and r["energy_kwh_it"] == pytest.approx(
+        2100 / 3.6e6
+    )
 
 
 def test_resolve_peak_order():
@@ -114,23 +126,37 @@ def test_resolve_peak_order():
     flops, source = resolve_peak("bf16", unknown, {}, "cpu")
     assert flops == 0.0 and "MFU not reported" in source
     v100 = hardware.ACCELERATORS["V100-SXM2-32GB"]
-    assert resolve_peak("bf16", v100, {})[0] == 0.0  # no bf16 units on Volta: no MFU rather than a wrong one
+    assert (
+        resolve_peak("bf16", v100, {})[0] == 0.0
+    )  # no bf16 units on Volta: no MFU rather than a wrong one
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_phases_are_event_times_read_once_per_interval():
     device = torch.device("cuda", torch.cuda.current_device())
-    m = StepMetrics(tokens_per_step=1024, world_size=1, flops_per_token=1e6, peak_flops=1e15, pue=1.0,
-                    intensity_g_per_kwh=50.0, device=device, max_steps=10, first_step=0, meter=EstimateMeter(1.0))
+    m = StepMetrics(
+        tokens_per_step=1024,
+        world_size=1,
+        flops_per_token=1e6,
+        peak_flops=1e15,
+        pue=1.0,
+        intensity_g_per_kwh=50.0,
+        device=device,
+        max_steps=10,
+        first_step=0,
+        meter=EstimateMeter(1.0),
+    )
     a = torch.randn(4096, 4096, device=device)
     for _ in range(3):
         m.begin_step()
         m.begin_compute()
-        loss = (a @ a).mean()        # queued, not waited for
+        loss = (a @ a).mean()  # queued, not waited for
         m.begin_optimizer()
         a = a * 0.5
         m.end_step(loss)
     r = m.collect(3)
     assert r["fwd_bwd_s"] > 0 and r["optimizer_s"] > 0
-    assert r["fwd_bwd_s"] + r["optimizer_s"] <= r["step_s"] * 1.01  # the tail of queued work is in step_s
+    assert (
+        r["fwd_bwd_s"] + r["optimizer_s"] <= r["step_s"] * 1.01
+    )  # the tail of queued work is in step_s
     assert r["mem_gb"] > 0.05

@@ -4,8 +4,17 @@ import torch
 from megatrain.config import ModelConfig
 from megatrain.model import Transformer, count_params, flops_per_token
 
-GPT2_124M = ModelConfig(vocab_size=50257, n_layer=12, n_head=12, d_model=768, mlp="gelu", norm="layernorm",
-                        position="learned", bias=True, tie_embeddings=True)
+GPT2_124M = ModelConfig(
+    vocab_size=50257,
+    n_layer=12,
+    n_head=12,
+    d_model=768,
+    mlp="gelu",
+    norm="layernorm",
+    position="learned",
+    bias=True,
+    tie_embeddings=True,
+)
 
 
 def test_gpt2_small_has_the_published_parameter_count():
@@ -19,10 +28,21 @@ def test_flops_per_token_follows_the_palm_formula():
     assert flops_per_token(GPT2_124M, 1024) == expected
 
 
-@pytest.mark.parametrize("variant", [
-    {}, {"mlp": "gelu", "norm": "layernorm", "position": "learned", "bias": True, "tie_embeddings": True},
-    {"n_kv_head": 2}, {"d_ff": 100},
-])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {},
+        {
+            "mlp": "gelu",
+            "norm": "layernorm",
+            "position": "learned",
+            "bias": True,
+            "tie_embeddings": True,
+        },
+        {"n_kv_head": 2},
+        {"d_ff": 100},
+    ],
+)
 def test_forward_shapes_loss_and_backward(variant):
     cfg = ModelConfig(vocab_size=97, n_layer=2, n_head=4, d_model=32, **variant)
     torch.manual_seed(0)

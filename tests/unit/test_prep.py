@@ -33,25 +33,35 @@ def test_prep_writes_a_dataset_the_trainer_can_read(tiny_dataset):
     ds = Dataset(tiny_dataset)
     report = json.loads((tiny_dataset / "report.json").read_text())
     assert ds.manifest.vocab_size == 512 and len(ds.shards) > 1
-    assert report["docs_out"] == ds.manifest.num_documents == 120 and report["tokens"] == ds.num_tokens
+    assert (
+        report["docs_out"] == ds.manifest.num_documents == 120 and report["tokens"] == ds.num_tokens
+    )
     tok = load_tokenizer(tiny_dataset / "tokenizer.json")
     assert ds.manifest.tokenizer_sha256 and ds.manifest.eos_id == tok.token_to_id("<|endoftext|>")
     first = ds.shards[0].document(0)
     assert first[-1] == ds.manifest.eos_id and ds.manifest.eos_id not in first[:-1]
     text = tok.decode(first[:-1].tolist())
     assert len(text) > 100 and text.isprintable() or "\n" in text
-    assert not (tiny_dataset / ".prep-work").exists()   # intermediate files are gone once done
+    assert not (tiny_dataset / ".prep-work").exists()  # intermediate files are gone once done
 
 
 def test_fast_encoder_gives_the_hf_ids(tiny_dataset, tmp_path):
     tok = load_tokenizer(tiny_dataset / "tokenizer.json")
     raw = corpus_sample(tmp_path)
-    texts = [json.loads(line)["text"] for lang in ("en", "fr") for line in open(raw / f"{lang}.jsonl")]
-    texts += ["l'été où « ça » s'arrête… 3,14 € — naïve café\t\n  \n", "  leading spaces", "émojis 🤖🚀 and CJK 中文",
-              "a typed <|endoftext|> is text, not a document boundary"]
+    texts = [
+        json.loads(line)["text"] for lang in ("en", "fr") for line in open(raw / f"{lang}.jsonl")
+    ]
+    texts += [
+        "l'été où « ça » s'arrête… 3,14 € — naïve café\t\n  \n",
+        "  leading spaces",
+        "émojis 🤖🚀 and CJK 中文",
+        "a typed <|endoftext|> is text, not a document boundary",
+    ]
     fast = FastEncoder(tok, texts[:20])
     assert fast.backend == "tiktoken"
-    reference = [np.array(e.ids + [fast.eos_id]) for e in tok.encode_batch(texts, add_special_tokens=False)]
+    reference = [
+        np.array(e.ids + [fast.eos_id]) for e in tok.encode_batch(texts, add_special_tokens=False)
+    ]
     assert all(np.array_equal(a, b) for a, b in zip(fast.encode(texts), reference))
     assert fast.eos_id not in fast.encode(texts[-1:])[0][:-1]
     assert to_tiktoken(tok).decode(fast.encode(texts[-2:-1])[0][:-1].tolist()) == texts[-2]
@@ -61,14 +71,25 @@ def test_rerun_is_a_no_op_and_other_inputs_are_refused(tmp_path):
     raw = corpus_sample(tmp_path / "raw", docs_per_language=10)
     opts = PrepOptions(inputs=[str(raw)], out=str(tmp_path / "out"), vocab_size=300)
     run_prep(opts, log=quiet)
-    files = lambda: {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir() if p.name != ".prep.lock"}  # noqa: E731
+
+    def files():
+        return {
+            p.name: p.stat().st_mtime_ns
+            for p in (tmp_path / "out").iterdir()
+            if p.name != ".prep.lock"
+        }
+
     before = files()
     messages = []
     run_prep(opts, log=messages.append)
     assert "already prepared" in messages[0]
     assert before == files()
-    with pytest.raises(PrepError, match="prepared from other inputs or options; choose another --out"):
-        run_prep(PrepOptions(inputs=[str(raw)], out=str(tmp_path / "out"), vocab_size=301), log=quiet)
+    with pytest.raises(
+        PrepError, match="prepared from other inputs or options; choose another --out"
+    ):
+        run_prep(
+            PrepOptions(inputs=[str(raw)], out=str(tmp_path / "out"), vocab_size=301), log=quiet
+        )
 
 
 def test_planted_corpus_is_fully_accounted_for(tmp_path):
@@ -76,10 +97,21 @@ def test_planted_corpus_is_fully_accounted_for(tmp_path):
     other files than their originals are removed once; each filter removes its spam document."""
     expected = planted_corpus(tmp_path / "raw")
     (tmp_path / "recipe.yaml").write_text(PLANTED_RECIPE)
-    report = run_prep(PrepOptions(inputs=[str(tmp_path / "raw")], out=str(tmp_path / "out"),
-                                  recipe=str(tmp_path / "recipe.yaml")), log=quiet)
-    assert report["docs_in"] == report["docs_out"] + report["rejected_total"] + report["removed_total"]
-    assert report["accounted"] and report["docs_out"] == Dataset(tmp_path / "out").manifest.num_documents
+    report = run_prep(
+        PrepOptions(
+            inputs=[str(tmp_path / "raw")],
+            out=str(tmp_path / "out"),
+            recipe=str(tmp_path / "recipe.yaml"),
+        ),
+        log=quiet,
+    )
+    assert (
+        report["docs_in"] == report["docs_out"] + report["rejected_total"] + report["removed_total"]
+    )
+    assert (
+        report["accounted"]
+        and report["docs_out"] == Dataset(tmp_path / "out").manifest.num_documents
+    )
     assert report["removed"]["exact_dedup"] == expected["exact"]
     assert report["removed"]["near_dedup"] == expected["near"]
     assert report["rejected"] == expected["rejected"]
@@ -87,36 +119,61 @@ def test_planted_corpus_is_fully_accounted_for(tmp_path):
     assert report["file_problems"] == expected["file_problems"]
     for stage, location in expected["spam"].items():
         assert report["removed"][stage] == 1, stage
-        rejects = [json.loads(line) for line in open(tmp_path / "out" / "rejects" / f"{stage}.jsonl")]
-        assert [r["location"] for r in rejects] == [location] and rejects[0]["reason"].startswith(stage)
+        rejects = [
+            json.loads(line) for line in open(tmp_path / "out" / "rejects" / f"{stage}.jsonl")
+        ]
+        assert [r["location"] for r in rejects] == [location] and rejects[0]["reason"].startswith(
+            stage
+        )
     dups = [json.loads(line) for line in open(tmp_path / "out" / "rejects" / "exact_dedup.jsonl")]
     assert dups[0]["location"].endswith("b.jsonl:9") and dups[0]["reason"].endswith("a.jsonl:3")
-    bad = {r["location"].replace(str(tmp_path / "raw") + "/", ""): r["reason"].split(":")[0]
-           for r in map(json.loads, open(tmp_path / "out" / "rejects" / "input.jsonl"))}
+    bad = {
+        r["location"].replace(str(tmp_path / "raw") + "/", ""): r["reason"].split(":")[0]
+        for r in map(json.loads, open(tmp_path / "out" / "rejects" / "input.jsonl"))
+    }
     truncated = [k for k in bad if k.startswith("j.jsonl.gz:")]
     assert len(truncated) == 1 and bad.pop(truncated[0]) == "truncated_or_corrupt_archive"
-    assert bad == {"a.jsonl:10": "malformed_json", "a.jsonl:11": "missing_field", "f.parquet:6": "missing_field",
-                   "i-empty.jsonl": "empty_file", "k-huge.jsonl:1": "too_long"}
+    assert bad == {
+        "a.jsonl:10": "malformed_json",
+        "a.jsonl:11": "missing_field",
+        "f.parquet:6": "missing_field",
+        "i-empty.jsonl": "empty_file",
+        "k-huge.jsonl:1": "too_long",
+    }
     assert report["tokens"] > 0 and report["tokens_per_s"] > 0 and report["workers"] == 1
 
 
 def test_bad_lines_are_counted_not_fatal(tmp_path):
-    good = [{"text": f"Document number {i} talks about tokenizers and shards. " * 5} for i in range(30)]
-    lines = [json.dumps(d) for d in good] + ["{broken json", json.dumps({"body": "no text field"}), ""]
+    good = [
+        {"text": f"Document number {i} talks about tokenizers and shards. " * 5} for i in range(30)
+    ]
+    lines = [json.dumps(d) for d in good] + [
+        "{broken json",
+        json.dumps({"body": "no text field"}),
+        "",
+    ]
     (tmp_path / "a.jsonl").write_text("\n".join(lines) + "\n")
-    (tmp_path / "b.jsonl").write_bytes(json.dumps({"text": "caf\xe9 " * 40}, ensure_ascii=False).encode("latin-1") + b"\n")
+    (tmp_path / "b.jsonl").write_bytes(
+        json.dumps({"text": "caf\xe9 " * 40}, ensure_ascii=False).encode("latin-1") + b"\n"
+    )
     with gzip.open(tmp_path / "c.jsonl.gz", "wb") as f:
         f.write(("\n".join(json.dumps(d) for d in good[:5]) + "\n").encode())
-    (tmp_path / "d.jsonl.gz").write_bytes((tmp_path / "c.jsonl.gz").read_bytes()[:-30])  # truncated archive
+    (tmp_path / "d.jsonl.gz").write_bytes(
+        (tmp_path / "c.jsonl.gz").read_bytes()[:-30]
+    )  # truncated archive
     (tmp_path / "e.txt").write_text("")
-    report = run_prep(PrepOptions(inputs=[str(tmp_path)], out=str(tmp_path / "out"), vocab_size=300), log=quiet)
+    report = run_prep(
+        PrepOptions(inputs=[str(tmp_path)], out=str(tmp_path / "out"), vocab_size=300), log=quiet
+    )
     assert report["rejected"] == {"malformed_json": 1, "missing_field": 1}
     assert report["repaired"] == {"invalid_utf8": 1}
     assert report["file_problems"] == {"truncated_or_corrupt_archive": 1, "empty_file": 1}
     # c.jsonl.gz holds copies of a.jsonl's first 5 documents: exact dedup removes them
     assert report["removed"] == {"empty": 0, "exact_dedup": 5} and report["docs_out"] == 31
     assert report["docs_in"] == report["docs_out"] + 2 + 5
-    locations = [json.loads(line)["location"] for line in open(tmp_path / "out" / "rejects" / "input.jsonl")]
+    locations = [
+        json.loads(line)["location"] for line in open(tmp_path / "out" / "rejects" / "input.jsonl")
+    ]
     assert f"{tmp_path / 'a.jsonl'}:31" in locations
 
 
@@ -125,20 +182,39 @@ def test_fatal_problems_name_the_file(tmp_path):
         run_prep(PrepOptions(inputs=[str(tmp_path / "nope")], out=str(tmp_path / "o")), log=quiet)
     (tmp_path / "empty.jsonl").write_text("{}\n")
     with pytest.raises(PrepError, match="no documents left"):
-        run_prep(PrepOptions(inputs=[str(tmp_path / "empty.jsonl")], out=str(tmp_path / "o")), log=quiet)
-    assert json.loads((tmp_path / "o" / "report.json").read_text())["rejected"] == {"missing_field": 1}
+        run_prep(
+            PrepOptions(inputs=[str(tmp_path / "empty.jsonl")], out=str(tmp_path / "o")), log=quiet
+        )
+    assert json.loads((tmp_path / "o" / "report.json").read_text())["rejected"] == {
+        "missing_field": 1
+    }
     (tmp_path / "bad-tokenizer.json").write_text("{not a tokenizer")
     corpus_sample(tmp_path / "raw", docs_per_language=2)
     with pytest.raises(TokenizerError, match="bad-tokenizer.json is not a valid HF tokenizer.json"):
-        run_prep(PrepOptions(inputs=[str(tmp_path / "raw")], out=str(tmp_path / "o2"),
-                             tokenizer=str(tmp_path / "bad-tokenizer.json")), log=quiet)
-    assert not (tmp_path / "o2" / ".prep-work").exists()   # stopped before any work
+        run_prep(
+            PrepOptions(
+                inputs=[str(tmp_path / "raw")],
+                out=str(tmp_path / "o2"),
+                tokenizer=str(tmp_path / "bad-tokenizer.json"),
+            ),
+            log=quiet,
+        )
+    assert not (tmp_path / "o2" / ".prep-work").exists()  # stopped before any work
 
 
 def test_given_tokenizer_is_used_and_its_hash_recorded(tiny_dataset, tmp_path):
     raw = corpus_sample(tmp_path / "raw", docs_per_language=5)
-    run_prep(PrepOptions(inputs=[str(raw)], out=str(tmp_path / "o"), tokenizer=str(tiny_dataset / "tokenizer.json"),
-                         recipe=str(REPO / "configs" / "data" / "minimal.yaml")), log=quiet)
+    run_prep(
+        PrepOptions(
+            inputs=[str(raw)],
+            out=str(tmp_path / "o"),
+            tokenizer=str(tiny_dataset / "tokenizer.json"),
+            recipe=str(REPO / "configs" / "data" / "minimal.yaml"),
+        ),
+        log=quiet,
+    )
     ds = Dataset(tmp_path / "o")
     assert ds.manifest.tokenizer_sha256 == Dataset(tiny_dataset).manifest.tokenizer_sha256
-    assert (tmp_path / "o" / "tokenizer.json").read_bytes() == (tiny_dataset / "tokenizer.json").read_bytes()
+    assert (tmp_path / "o" / "tokenizer.json").read_bytes() == (
+        tiny_dataset / "tokenizer.json"
+    ).read_bytes()

@@ -1,4 +1,5 @@
 """Model presets and run configs: sizes as published, DeepSpeed configs as intended."""
+
 import re
 
 import pytest
@@ -16,7 +17,9 @@ def test_presets_have_the_size_their_name_says(path):
     info = dry_run(load_config(path), world_size=8)
     size = re.search(r"(\d+(?:\.\d+)?)([mb])$", path.stem)
     expected = float(size.group(1)) * (1e6 if size.group(2) == "m" else 1e9)
-    assert abs(info["params"] - expected) / expected < 0.04  # LLaMA "7B" has 6.74B, f"{path.stem}: {info['params']:,} parameters"
+    assert (
+        abs(info["params"] - expected) / expected < 0.04
+    )  # LLaMA "7B" has 6.74B, f"{path.stem}: {info['params']:,} parameters"
     assert info["tokens_per_step"] == load_config(path).batch.global_tokens
     assert info["flops_per_token"] > 6 * info["non_embedding_params"]
 
@@ -29,17 +32,35 @@ def test_gopher_table_values():
 
 
 def test_deepspeed_config_fp16_offload_and_zero3():
-    cfg = load_config(REPO / "configs" / "tiny.yaml", [
-        "precision=fp16", "parallel.zero_stage=3", "parallel.offload_optimizer=cpu", "parallel.offload_params=cpu",
-        "batch.grad_accum=0", "batch.global_batch=64", "optim.clip=0.5"])
+    cfg = load_config(
+        REPO / "configs" / "tiny.yaml",
+        [
+            "precision=fp16",
+            "parallel.zero_stage=3",
+            "parallel.offload_optimizer=cpu",
+            "parallel.offload_params=cpu",
+            "batch.grad_accum=0",
+            "batch.global_batch=64",
+            "optim.clip=0.5",
+        ],
+    )
     ds = deepspeed_config(cfg, resolve_batch(cfg, 4))
-    assert ds["fp16"] == {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
-                          "hysteresis": 2, "min_loss_scale": 1}  # loss_scale 0 = dynamic
+    assert ds["fp16"] == {
+        "enabled": True,
+        "loss_scale": 0,
+        "initial_scale_power": 16,
+        "loss_scale_window": 1000,
+        "hysteresis": 2,
+        "min_loss_scale": 1,
+    }  # loss_scale 0 = dynamic
     assert "bf16" not in ds and ds["gradient_clipping"] == 0.5
     assert ds["zero_optimization"]["stage"] == 3
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (8, 2)
-    bf16 = deepspeed_config(load_config(REPO / "configs" / "tiny.yaml", ["precision=bf16"]),
-                            resolve_batch(cfg, 1), load_universal=True)
+    bf16 = deepspeed_config(
+        load_config(REPO / "configs" / "tiny.yaml", ["precision=bf16"]),
+        resolve_batch(cfg, 1),
+        load_universal=True,
+    )
     assert bf16["bf16"] == {"enabled": True} and bf16["checkpoint"] == {"load_universal": True}

@@ -19,12 +19,22 @@ def make_dataset(directory, docs_per_shard, vocab_size=1000):
     rng = np.random.default_rng(0)
     shards, all_docs = [], []
     for s, n_docs in enumerate(docs_per_shard):
-        docs = [np.append(rng.integers(1, vocab_size, size=rng.integers(1, 50)), 0) for _ in range(n_docs)]
-        shards.append(write_shard(directory / f"shard-{s:05d}.arrow", docs, vocab_size, batch_documents=7))
+        docs = [
+            np.append(rng.integers(1, vocab_size, size=rng.integers(1, 50)), 0)
+            for _ in range(n_docs)
+        ]
+        shards.append(
+            write_shard(directory / f"shard-{s:05d}.arrow", docs, vocab_size, batch_documents=7)
+        )
         all_docs += docs
     (directory / "tokenizer.json").write_text("{}")
-    Manifest(vocab_size=vocab_size, eos_id=0, tokenizer_file="tokenizer.json", tokenizer_sha256="x",
-             shards=shards).write(directory)
+    Manifest(
+        vocab_size=vocab_size,
+        eos_id=0,
+        tokenizer_file="tokenizer.json",
+        tokenizer_sha256="x",
+        shards=shards,
+    ).write(directory)
     return all_docs
 
 
@@ -34,7 +44,7 @@ def test_round_trip_tokens_and_document_boundaries(tmp_path):
     flat = np.concatenate(docs)
     assert ds.num_tokens == len(flat) == ds.manifest.num_tokens
     assert ds.manifest.num_documents == 54 and ds.manifest.dtype == "uint16"
-    assert np.array_equal(ds.stream.read(0, len(flat)), flat)           # across shards and record batches
+    assert np.array_equal(ds.stream.read(0, len(flat)), flat)  # across shards and record batches
     assert np.array_equal(ds.stream.read(17, 300), flat[17:300])
     assert [len(d) for d in docs[:20]] == np.diff(ds.shards[0].doc_offsets).tolist()
     assert np.array_equal(ds.shards[2].document(5), docs[21 + 5])
@@ -75,7 +85,9 @@ def test_version_mismatch_is_refused(tmp_path):
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     manifest["format_version"] = 99
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(FormatVersionError, match="shard format version 99 but this megatrain reads version 1"):
+    with pytest.raises(
+        FormatVersionError, match="shard format version 99 but this megatrain reads version 1"
+    ):
         Dataset(tmp_path)
 
 
@@ -90,4 +102,8 @@ def test_missing_or_broken_manifest(tmp_path):
 def test_no_temporary_files_left_behind(tmp_path):
     make_dataset(tmp_path, [3, 3])
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "manifest.json", "shard-00000.arrow", "shard-00001.arrow", "tokenizer.json"]
+        "manifest.json",
+        "shard-00000.arrow",
+        "shard-00001.arrow",
+        "tokenizer.json",
+    ]

@@ -1,4 +1,5 @@
 """Sinks: console lines and progress bar, events, and W&B falling back to offline without network."""
+
 import http.server
 import io
 import json
@@ -9,14 +10,28 @@ import time
 from megatrain.sinks import ConsoleSink, MetricsLogger, format_line, reachable
 from tests.helpers import read_jsonl
 
-RECORD = {"step": 40, "tokens": 4_000_000, "loss": 3.25, "lr": 3e-4, "tokens_per_s": 12345.0, "mfu": 0.412,
-          "skipped_steps": 0, "energy_kwh_facility": 1.5, "co2_kg": 0.084, "energy_method": "estimate",
-          "eta_s": 3725.0, "projected_kwh_facility": 3.75, "projected_co2_kg": 0.21}
+RECORD = {
+    "step": 40,
+    "tokens": 4_000_000,
+    "loss": 3.25,
+    "lr": 3e-4,
+    "tokens_per_s": 12345.0,
+    "mfu": 0.412,
+    "skipped_steps": 0,
+    "energy_kwh_facility": 1.5,
+    "co2_kg": 0.084,
+    "energy_method": "estimate",
+    "eta_s": 3725.0,
+    "projected_kwh_facility": 3.75,
+    "projected_co2_kg": 0.21,
+}
 
 
 def test_plain_line_has_progress_eta_and_projection_labelled_estimate():
     line = format_line(RECORD, max_steps=100)
-    assert line.startswith("step     40/100 (40%) | loss 3.2500 | lr 3.00e-04 | 12,345 tok/s | mfu 41.2%")
+    assert line.startswith(
+        "step     40/100 (40%) | loss 3.2500 | lr 3.00e-04 | 12,345 tok/s | mfu 41.2%"
+    )
     assert "1.5 kWh 84.0 g CO2e (est.)" in line
     assert line.endswith("eta 1h02m -> ~3.75 kWh 210 g")
     measured = format_line({**RECORD, "energy_method": "nvml"}, 100)
@@ -35,7 +50,9 @@ def test_console_is_plain_when_not_a_tty_and_draws_a_bar_on_a_tty():
     assert plain.getvalue().splitlines()[1] == "[event] checkpoint"
     bar = "[############..................]  40% 40/100 steps, 4M/10M tokens | eta 1h02m | final ~3.75 kWh, 210 g CO2e (est.)"
     # the line, then the bar; the next print clears the bar, prints, and redraws it
-    assert tty.getvalue() == (format_line(RECORD, 100) + "\n" + bar + "\r\x1b[K[event] checkpoint\n" + bar + "\n")
+    assert tty.getvalue() == (
+        format_line(RECORD, 100) + "\n" + bar + "\r\x1b[K[event] checkpoint\n" + bar + "\n"
+    )
 
 
 def test_logger_writes_jsonl_and_run_start(tmp_path):
@@ -48,12 +65,16 @@ def test_logger_writes_jsonl_and_run_start(tmp_path):
     assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [40, 50]
     events = read_jsonl(tmp_path / "events.jsonl")
     assert events[0]["event"] == "run_start" and events[0]["versions"] == {"git_commit": "abc"}
-    assert len(events) == 1  # skipped steps are events of the stability guard, one per step (train.py)
+    assert (
+        len(events) == 1
+    )  # skipped steps are events of the stability guard, one per step (train.py)
     assert "step     40/100 (40%)" in out.getvalue()
 
 
 def test_reachable_answers_fast_both_ways():
-    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)  # answers 501
+    server = http.server.HTTPServer(
+        ("127.0.0.1", 0), http.server.BaseHTTPRequestHandler
+    )  # answers 501
     threading.Thread(target=server.handle_request, daemon=True).start()
     assert reachable(f"http://127.0.0.1:{server.server_port}") is None
     server.server_close()
@@ -74,17 +95,32 @@ def test_wandb_online_without_network_goes_offline_fast_and_says_so(tmp_path, mo
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
-    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)  # a key but no network: W&B alone would hang ~100 s
+    monkeypatch.setenv(
+        "WANDB_API_KEY", "x" * 40
+    )  # a key but no network: W&B alone would hang ~100 s
     out = io.StringIO()
     t0 = time.monotonic()
-    logger = MetricsLogger(tmp_path, enabled=True, stream=out, wandb_args=dict(
-        name="t", mode="online", project="megatrain-test", entity=None, config={"config": {"a": 1}}))
+    logger = MetricsLogger(
+        tmp_path,
+        enabled=True,
+        stream=out,
+        wandb_args=dict(
+            name="t",
+            mode="online",
+            project="megatrain-test",
+            entity=None,
+            config={"config": {"a": 1}},
+        ),
+    )
     assert logger.wandb is not None and logger.wandb.mode == "offline"
     logger.log(RECORD)
     logger.close()
     assert time.monotonic() - t0 < 30
     event = read_jsonl(tmp_path / "events.jsonl")[0]
-    assert event["event"] == "wandb_offline" and f"cannot reach http://127.0.0.1:{port}" in event["reason"]
+    assert (
+        event["event"] == "wandb_offline"
+        and f"cannot reach http://127.0.0.1:{port}" in event["reason"]
+    )
     assert "wandb sync" in event["sync_later"]
     assert "[event] event=wandb_offline" in out.getvalue()
     assert len(list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))) == 1
