@@ -21,7 +21,7 @@ import threading
 import time
 from pathlib import Path
 
-from megatrain.shards import temp_path
+from megatrain.files import temp_path
 
 
 class CommAborted(Exception):

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 import numpy as np
 import xxhash
 
+from megatrain.hashing import mix64
+
 # ----------------------------------------------------------------------------------------------
 # Global order and per-worker results
 
@@ -110,17 +112,6 @@ def resolve_exact(
 # an S-curve whose steepest point is near the threshold t ~ (1 / bands)^(1 / rows).
 # 14 bands x 8 rows (112 hashes): t ~ 0.72; P(0.8) = 0.92, P(0.9) = 1.00, P(0.5) = 0.05.
 
-_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
-
-
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """SplitMix64's finalizer: a bijection of uint64 that spreads every input bit over all output bits."""
-    x = x ^ (x >> np.uint64(30))
-    x = x * np.uint64(0xBF58476D1CE4E5B9)
-    x = x ^ (x >> np.uint64(27))
-    x = x * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
-
 
 def candidate_probability(similarity: float, bands: int, rows: int) -> float:
     """Probability that two documents of this Jaccard similarity share an LSH bucket."""
@@ -186,8 +177,8 @@ class MinHasher:
             return h
         g = h[: len(h) - n + 1].copy()
         for j in range(1, n):
-            g = _mix64(g) ^ h[j : len(h) - n + 1 + j]
-        return _mix64(g) >> np.uint64(32)  # keep 32 bits: multiply-add-shift needs x < 2^32
+            g = mix64(g) ^ h[j : len(h) - n + 1 + j]
+        return mix64(g) >> np.uint64(32)  # keep 32 bits: multiply-add-shift needs x < 2^32
 
     def signature(self, text: str, shingles: np.ndarray | None = None) -> np.ndarray:
         """(num_perm,) uint32 MinHash signature; all 0xFFFFFFFF for a text without words.
@@ -223,7 +214,7 @@ class MinHasher:
         keys = np.full(bands.shape[:2], cfg.rows, dtype=np.uint64)
         with np.errstate(over="ignore"):
             for r in range(cfg.rows):
-                keys = _mix64(keys ^ bands[:, :, r])
+                keys = mix64(keys ^ bands[:, :, r])
         return keys
 
 

@@ -15,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 from data_prep.workdir import commit, write_json
-from megatrain.shards import temp_path
+from megatrain.files import temp_path
 
 STAGE_ORDER = ["empty", "length", "quality", "repetition", "language", "exact_dedup", "near_dedup"]
 

@@ -25,7 +25,8 @@ from data_prep.filters import normalize
 from data_prep.readers import Unit, problem_class, read_unit
 from data_prep.recipe import Recipe
 from data_prep.workdir import WorkDir, commit, crash_point, read_json, save_npy, write_json
-from megatrain.shards import ShardInfo, temp_path, write_shard
+from megatrain.files import temp_path
+from megatrain.shards import ShardInfo, write_shard
 
 DOCS_SCHEMA = pa.schema([pa.field("text", pa.large_string()), pa.field("source", pa.string())])
 BATCH_DOCS = 1024

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megatrain.shards import atomic_write_bytes, temp_path
+from megatrain.files import atomic_write_bytes, temp_path
 
 WORK_DIR = ".prep-work"
 LOCK_FILE = ".prep.lock"

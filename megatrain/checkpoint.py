@@ -26,8 +26,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatrain.files import atomic_write_bytes, sha256_file
 from megatrain.parallel import all_gather
-from megatrain.shards import atomic_write_bytes, sha256_file
 
 MANIFEST = "megatrain-checkpoint.json"
 LATEST = "latest"

@@ -26,17 +26,8 @@ import numpy as np
 import torch
 
 from megatrain.config import BatchLayout
+from megatrain.hashing import mix64
 from megatrain.shards import Dataset
-
-_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
-
-
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finalizer: a fast, well-spread hash of uint64 values (wraps mod 2^64)."""
-    with np.errstate(over="ignore"):
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return x ^ (x >> np.uint64(31))
 
 
 class Permutation:
@@ -55,7 +46,7 @@ class Permutation:
         self.keys = [np.uint64(k) for k in rng.integers(0, 2**63, size=rounds)]
 
     def _round(self, r: np.ndarray, key: np.uint64) -> np.ndarray:
-        return _mix64(r ^ key) & self.mask
+        return mix64(r ^ key) & self.mask
 
     def _encrypt(self, x: np.ndarray) -> np.ndarray:
         h = np.uint64(self.half_bits)

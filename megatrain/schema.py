@@ -18,8 +18,10 @@ from typing import Any, Literal
 
 import yaml
 
+from megatrain.errors import MegatrainError
 
-class ConfigError(ValueError):
+
+class ConfigError(MegatrainError):
     """A configuration value is missing, mistyped or inconsistent; the message names the key."""
 
 

@@ -18,10 +18,8 @@ temporary name and rename, so a crash never leaves a file that looks like a whol
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import socket
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,13 +27,16 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from megatrain.errors import MegatrainError
+from megatrain.files import atomic_path, atomic_write_text, sha256_file
+
 FORMAT_NAME = "megatrain-shards"
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 TOKENS_COLUMN = "tokens"
 
 
-class ShardError(Exception):
+class ShardError(MegatrainError):
     """A dataset directory cannot be used as it is; the message names the file and what to do."""
 
 
@@ -56,31 +57,6 @@ def token_dtype(vocab_size: int) -> np.dtype:
     if vocab_size <= 0:
         raise ValueError(f"vocab_size must be positive, got {vocab_size}")
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
-
-
-def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def temp_path(path: str | os.PathLike) -> Path:
-    """Where to write `path` before renaming it: hidden, and unique per host and process (shared filesystems)."""
-    path = Path(path)
-    return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temporary name, fsync, rename: readers see the old file or the whole new one."""
-    path = Path(path)
-    tmp = temp_path(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- manifest
@@ -122,7 +98,7 @@ class Manifest:
             k: fields.pop(k)
             for k in ("format", "format_version", "num_tokens", "num_documents", "vocab_size")
         }
-        atomic_write_bytes(path, (json.dumps({**head, **fields}, indent=2) + "\n").encode())
+        atomic_write_text(path, json.dumps({**head, **fields}, indent=2) + "\n")
         return path
 
     @classmethod
@@ -181,9 +157,12 @@ def write_shard(
         [pa.field(TOKENS_COLUMN, pa.list_(arrow_type))],
         metadata={"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)},
     )
-    tmp = temp_path(path)
     num_tokens = 0
-    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+    with (
+        atomic_path(path) as tmp,
+        pa.OSFile(str(tmp), "wb") as sink,
+        pa.ipc.new_file(sink, schema) as writer,
+    ):
         for start in range(0, len(documents), batch_documents):
             chunk = documents[start : start + batch_documents]
             lengths = np.fromiter((len(d) for d in chunk), dtype=np.int64, count=len(chunk))
@@ -203,9 +182,6 @@ def write_shard(
             column = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=arrow_type))
             writer.write_batch(pa.record_batch([column], schema=schema))
             num_tokens += int(values.size)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     return ShardInfo(
         file=path.name,
         sha256=sha256_file(path),

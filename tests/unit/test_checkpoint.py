@@ -6,7 +6,7 @@ from megatrain.checkpoint import MANIFEST, complete_tags, needs_universal, prune
 def fake_checkpoint(root, step, files=None):
     folder = root / f"step{step:08d}"
     folder.mkdir(parents=True)
-    from megatrain.shards import sha256_file
+    from megatrain.files import sha256_file
 
     table = {}
     for name, data in (files or {"model.pt": b"weights"}).items():
