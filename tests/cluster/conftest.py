@@ -127,16 +127,21 @@ class SlurmCluster:
             state = out.split("\n")[0].split(" ")[0]  # "CANCELLED by 0" -> "CANCELLED"
         return state
 
-    def wait(self, job_id: str, timeout: float = 120) -> str:
+    def wait(self, job_id: str, timeout: float = 120, cancel_on: str | None = None) -> str:
         """Block until the job reaches a final state and return it (e.g. "COMPLETED", "FAILED",
         "TIMEOUT"). A requeued job is followed through its restarts. On timeout the job is
-        cancelled and TimeoutError raised with what the job and the controller said."""
+        cancelled and TimeoutError raised with what the job and the controller said.
+        `cancel_on`: cancel the job as soon as its output contains this text (a known way for
+        it to hang), and return its final state."""
         deadline = time.monotonic() + timeout
         state = ""
         while time.monotonic() < deadline:
             state = self.state(job_id)
             if state in FINAL_STATES:
                 return state
+            if cancel_on and cancel_on in self._output_so_far(job_id):
+                _run("scancel", str(job_id), check=False)
+                cancel_on = None  # then wait for the cancellation to complete
             time.sleep(0.25)
         info = self.job_info(job_id)
         _run("scancel", str(job_id), check=False)
@@ -157,12 +162,23 @@ class SlurmCluster:
             raise FileNotFoundError(f"no job output at {path}")
         return path.read_text(errors="replace")
 
+    def _output_so_far(self, job_id: str) -> str:
+        try:
+            return self._stdout[str(job_id)].read_text(errors="replace")
+        except (OSError, KeyError):
+            return ""
+
     def run(
-        self, script: str | os.PathLike, *args: str, timeout: float = 120, **kw
+        self,
+        script: str | os.PathLike,
+        *args: str,
+        timeout: float = 120,
+        cancel_on: str | None = None,
+        **kw,
     ) -> tuple[str, str, str]:
         """submit + wait + job_output: returns (job_id, final_state, output)."""
         job_id = self.submit(script, *args, **kw)
-        state = self.wait(job_id, timeout)
+        state = self.wait(job_id, timeout, cancel_on)
         return job_id, state, self.job_output(job_id)
 
     @staticmethod
