@@ -26,8 +26,9 @@ import time
 import torch
 
 from megatrain import hardware
-from megatrain.config import load_config, resolve_batch
+from megatrain.config import load_config
 from megatrain.model import Transformer, count_params, flops_per_token
+from megatrain.plan import resolve_batch
 
 
 def parse_args():
@@ -83,9 +84,10 @@ def batches(cfg, args, device):
 
 
 def run_megatrain(cfg, args, device) -> dict:
-    from megatrain.parallel import DistEnv, build_engine, init_distributed
+    from megatrain.dist import DistEnv, init_process_group
+    from megatrain.parallel import build_engine
 
-    init_distributed(DistEnv())
+    init_process_group(DistEnv())
     torch.manual_seed(0)
     engine, _ = build_engine(
         Transformer(cfg.model, args.seq_len), cfg, resolve_batch(cfg, 1), device

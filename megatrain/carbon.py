@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 
 from megatrain.energy import co2_kg as _co2_kg
 from megatrain.energy import facility_kwh as _facility_kwh
+from megatrain.errors import MegatrainError
 
 # France, gCO2e/kWh. Same grid, three published values: the spread is the uncertainty.
 FRANCE_INTENSITY_G_PER_KWH = {
@@ -33,7 +34,7 @@ DEFAULT_INTENSITY_G_PER_KWH = FRANCE_INTENSITY_G_PER_KWH["luccioni2022_bloom"]
 JEAN_ZAY_PUE = 1.2  # the PUE Luccioni et al. 2022 use for Jean Zay (IDRIS)
 
 
-class CarbonInputError(ValueError):
+class CarbonInputError(MegatrainError):
     """Inputs of the calculator are missing or out of range; the message says which."""
 
 

@@ -1,15 +1,22 @@
-"""Checkpoints that are either whole or ignored.
+"""Checkpoints that are either whole or ignored, and the `Checkpointer` that owns their cadence.
 
     RUN_DIR/checkpoints/
       step00000200/                 DeepSpeed's files (model, optimizer shards per rank)
         rng-rank00000.pt            each rank's RNG states
-        megatrain-checkpoint.json   step, data position, config, versions, and a sha256 per file
+        megatrain-checkpoint.json   step, the trainer's parts' state, config, layout, a sha256 per file
+      step00000200-universal/       the same in DeepSpeed's universal format, made when a resume
+                                    changed the parallel layout
       latest                        name of the newest complete checkpoint
 
 A checkpoint counts only once its megatrain-checkpoint.json exists, and that file is written
 (by rename) after every other file is on disk and hashed; `latest` is rewritten (by rename)
 after that. Loading verifies sizes and hashes first and falls back to the previous checkpoint,
 with a logged event, when one is missing a file or corrupt.
+
+What a checkpoint holds besides DeepSpeed's engine state comes from the `Stateful` parts the
+trainer hands the `Checkpointer` (data position, metrics counters, the stability guard): each
+part's `state_dict()` is merged into the manifest's top level, and `load_state_dict(manifest)`
+reads its own keys back. Adding state to checkpoints is adding a part, or a key to one.
 """
 
 from __future__ import annotations
@@ -20,36 +27,41 @@ import random
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from megatrain.files import atomic_write_bytes, sha256_file
-from megatrain.parallel import all_gather
+from megatrain import dist
+from megatrain.config import RunConfig
+from megatrain.errors import MegatrainError
+from megatrain.files import atomic_path, atomic_write_text, sha256_file, write_json
 
 MANIFEST = "megatrain-checkpoint.json"
 LATEST = "latest"
 UNIVERSAL_SUFFIX = "-universal"
 UNIVERSAL_DONE = "megatrain-universal.done"
+# Keys of the manifest that belong to the checkpoint itself, not to a part.
+RESERVED = {"step", "tag", "world_size", "files"}
 
 
-class CheckpointError(Exception):
+class CheckpointError(MegatrainError):
     """No usable checkpoint where one was expected; the message says which and why."""
+
+
+class Stateful(Protocol):
+    """A part of the trainer whose state a checkpoint keeps (JSON values, the same on every rank;
+    `state_dict` may be collective)."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 def tag_for(step: int) -> str:
     return f"step{step:08d}"
-
-
-def _rank_world() -> tuple[int, int]:
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def rng_state() -> dict:
@@ -71,52 +83,81 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+class Checkpointer:
+    """Saves the engine, each rank's RNG and the trainer's parts every `run.ckpt_every` steps
+    (and when the run ends or stops), keeps the newest `run.keep`, and restores them."""
+
+    def __init__(
+        self, engine, ckpt_dir: Path, run: RunConfig, parts: dict[str, Stateful], info: dict
+    ):
+        """`info`: what every checkpoint records about the run (config, parallel layout)."""
+        self.engine, self.dir, self.run = engine, Path(ckpt_dir), run
+        self.parts, self.info = parts, info
+
+    def due(self, step: int, final: bool) -> bool:
+        return final or bool(self.run.ckpt_every and step % self.run.ckpt_every == 0)
+
+    def save(self, step: int) -> Path:
+        """A complete checkpoint after `step` optimizer steps; collective (all ranks call it)."""
+        rank, world = dist.rank_world()
+        tag = tag_for(step)
+        folder = self.dir / tag
+        state = self._parts_state()
+        if rank == 0 and folder.exists():  # a leftover from a crash during an earlier save
+            shutil.rmtree(folder)
+        dist.barrier()
+        self.engine.save_checkpoint(str(self.dir), tag=tag, save_latest=False)
+        with atomic_path(folder / f"rng-rank{rank:05d}.pt") as tmp:
+            torch.save(rng_state(), tmp)
+        dist.barrier()
+        files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+        files = _hash_files(folder, dist.all_gather(files if rank == 0 else None)[0])
+        if rank == 0:
+            manifest = {"step": step, "tag": tag, "world_size": world, "files": files}
+            write_json(folder / MANIFEST, {**manifest, **state, **self.info}, indent=1, default=str)
+            atomic_write_text(self.dir / LATEST, tag)
+            prune(self.dir, self.run.keep, self.run.keep_every)
+        dist.barrier()
+        return folder
+
+    def _parts_state(self) -> dict:
+        state: dict = {}
+        for name, part in self.parts.items():
+            own = part.state_dict()
+            clash = (RESERVED | set(self.info) | set(state)) & set(own)
+            if clash:
+                raise RuntimeError(f"checkpoint part {name!r} reuses the keys {sorted(clash)}")
+            state.update(own)
+        return state
+
+    def restore(self, tag: str, manifest: dict, parts: bool = True) -> None:
+        """Load the engine (model, optimizer) and this rank's RNG from checkpoint `tag` (a
+        universal one after a layout change), then, unless told not to, every part's state from
+        `manifest`. A rollback restores the weights but not the parts: the data position and the
+        energy counters go on."""
+        rank, _ = dist.rank_world()
+        path, _ = self.engine.load_checkpoint(str(self.dir), tag=tag)
+        if path is None:
+            raise CheckpointError(f"DeepSpeed could not load {self.dir / tag}")
+        rng_file = self.dir / tag / f"rng-rank{rank:05d}.pt"
+        if rng_file.is_file():
+            set_rng_state(torch.load(rng_file, weights_only=False))
+        if parts:
+            for part in self.parts.values():
+                part.load_state_dict(manifest)
+
+
 def _hash_files(folder: Path, names: list[str]) -> dict:
     """Every rank hashes its share of the files; all ranks get the whole table."""
-    rank, world = _rank_world()
+    rank, world = dist.rank_world()
     mine = {
         n: {"sha256": sha256_file(folder / n), "bytes": (folder / n).stat().st_size}
         for n in names[rank::world]
     }
     table: dict = {}
-    for part in all_gather(mine):
+    for part in dist.all_gather(mine):
         table.update(part)
     return table
-
-
-def save(
-    engine,
-    ckpt_dir: str | os.PathLike,
-    step: int,
-    client_state: dict,
-    keep: int = 3,
-    keep_every: int = 0,
-) -> Path:
-    """Save a complete checkpoint of `engine` after `step` optimizer steps; collective (all ranks call it)."""
-    rank, world = _rank_world()
-    ckpt_dir = Path(ckpt_dir)
-    tag = tag_for(step)
-    folder = ckpt_dir / tag
-    if rank == 0 and folder.exists():  # a leftover from a crash during an earlier save of this step
-        shutil.rmtree(folder)
-    _barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-    torch.save(rng_state(), folder / f".rng-rank{rank:05d}.pt.tmp")
-    os.replace(folder / f".rng-rank{rank:05d}.pt.tmp", folder / f"rng-rank{rank:05d}.pt")
-    _barrier()
-    names = all_gather(
-        sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
-        if rank == 0
-        else None
-    )[0]
-    files = _hash_files(folder, names)
-    if rank == 0:
-        manifest = {"step": step, "tag": tag, "world_size": world, "files": files, **client_state}
-        atomic_write_bytes(folder / MANIFEST, json.dumps(manifest, indent=1, default=str).encode())
-        atomic_write_bytes(ckpt_dir / LATEST, tag.encode())
-        prune(ckpt_dir, keep, keep_every)
-    _barrier()
-    return folder
 
 
 def prune(ckpt_dir: Path, keep: int, keep_every: int = 0) -> None:
@@ -148,7 +189,7 @@ def verify(folder: Path) -> str | None:
         return f"{manifest_path}: unreadable ({e})"
     names = sorted(manifest["files"])
     problems = []
-    rank, world = _rank_world()
+    rank, world = dist.rank_world()
     for name in names[rank::world]:
         path, want = folder / name, manifest["files"][name]
         if not path.is_file():
@@ -157,7 +198,7 @@ def verify(folder: Path) -> str | None:
             problems.append(f"{path} has {path.stat().st_size} bytes, expected {want['bytes']}")
         elif sha256_file(path) != want["sha256"]:
             problems.append(f"{path} is corrupt (sha256 differs from {MANIFEST})")
-    problems = sorted(p for part in all_gather(problems) for p in part)
+    problems = sorted(p for part in dist.all_gather(problems) for p in part)
     return "; ".join(problems) or None
 
 
@@ -170,18 +211,6 @@ def find_resumable(ckpt_dir: str | os.PathLike, log=print) -> tuple[str, dict] |
             return tag, json.loads((ckpt_dir / tag / MANIFEST).read_text())
         log({"event": "checkpoint_rejected", "tag": tag, "reason": problem})
     return None
-
-
-def load(engine, ckpt_dir: str | os.PathLike, tag: str) -> dict:
-    """Load engine state (model, optimizer, scheduler) and this rank's RNG from a verified checkpoint."""
-    rank, _ = _rank_world()
-    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
-    if path is None:
-        raise CheckpointError(f"DeepSpeed could not load {Path(ckpt_dir) / tag}")
-    rng_file = Path(ckpt_dir) / tag / f"rng-rank{rank:05d}.pt"
-    if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))
-    return client_state or {}
 
 
 def needs_universal(meta: dict, dp_size: int, tp_size: int, zero_stage: int) -> bool:
@@ -202,46 +231,60 @@ def needs_universal(meta: dict, dp_size: int, tp_size: int, zero_stage: int) -> 
     )
 
 
-def to_universal(ckpt_dir: str | os.PathLike, tag: str, log=print) -> str:
-    """Convert checkpoint `tag` to DeepSpeed's universal format once (rank 0; collective); returns its tag.
+@dataclass
+class ResumePoint:
+    tag: str
+    """The checkpoint to load: the newest valid one, or its universal conversion."""
+    manifest: dict
+    """The newest valid checkpoint's manifest (step, parts' state, layout)."""
+    universal: bool
+    """True when the parallel layout changed and the engine must load the universal format."""
 
-    Runs `python -m deepspeed.checkpoint.ds_to_universal --inject_missing_state` (the missing-state
-    injection is what makes ZeRO-1/2 checkpoints convertible); its output goes to convert.log.
+
+def find_resume_point(
+    ckpt_dir: Path, dp_size: int, tp_size: int, zero_stage: int, log=print
+) -> ResumePoint | None:
+    """Where a run continues from (collective): the newest checkpoint that verifies, converted
+    once to the universal format if it was saved with another (dp, tp, ZeRO) layout."""
+    found = find_resumable(ckpt_dir, log)
+    if not found:
+        return None
+    tag, manifest = found
+    universal = needs_universal(manifest, dp_size, tp_size, zero_stage)
+    if universal:
+        tag = to_universal(ckpt_dir, tag, log)
+    return ResumePoint(tag, manifest, universal)
+
+
+def to_universal(ckpt_dir: str | os.PathLike, tag: str, log=print) -> str:
+    """Convert checkpoint `tag` to DeepSpeed's universal format once (rank 0; collective);
+    returns its tag.
+
+    Runs `python -m deepspeed.checkpoint.ds_to_universal --inject_missing_state` (the
+    missing-state injection is what makes ZeRO-1/2 checkpoints convertible); its output goes to
+    convert.log.
     """
-    rank, _ = _rank_world()
     ckpt_dir = Path(ckpt_dir)
-    out_tag = f"{tag}{UNIVERSAL_SUFFIX}"
-    out = ckpt_dir / out_tag
-    if rank == 0 and not (out / UNIVERSAL_DONE).exists():
+    out = ckpt_dir / f"{tag}{UNIVERSAL_SUFFIX}"
+
+    def convert() -> None:
+        if (out / UNIVERSAL_DONE).exists():
+            return
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
         log({"event": "universal_conversion", "tag": tag, "output": str(out)})
+        command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal"]
+        command += ["--input_folder", str(ckpt_dir / tag), "--output_folder", str(out)]
+        command += ["--inject_missing_state", "--num_extract_workers", "2"]
+        command += ["--num_merge_workers", "1"]
         with open(out / "convert.log", "w") as logfile:
-            result = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "deepspeed.checkpoint.ds_to_universal",
-                    "--input_folder",
-                    str(ckpt_dir / tag),
-                    "--output_folder",
-                    str(out),
-                    "--inject_missing_state",
-                    "--num_extract_workers",
-                    "2",
-                    "--num_merge_workers",
-                    "1",
-                ],
-                stdout=logfile,
-                stderr=subprocess.STDOUT,
+            result = subprocess.run(command, stdout=logfile, stderr=subprocess.STDOUT)
+        if result.returncode != 0:
+            raise CheckpointError(
+                f"converting {ckpt_dir / tag} to a universal checkpoint failed; "
+                f"see {out}/convert.log"
             )
-        ok = result.returncode == 0
-        if ok:
-            (out / UNIVERSAL_DONE).write_text(tag)
-    else:
-        ok = True
-    if not all(all_gather(ok)):
-        raise CheckpointError(
-            f"converting {ckpt_dir / tag} to a universal checkpoint failed; see {out}/convert.log"
-        )
-    return out_tag
+        atomic_write_text(out / UNIVERSAL_DONE, tag)
+
+    dist.agree(convert, root=0)
+    return out.name

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+from megatrain.dist import DistEnv
+from megatrain.errors import MegatrainError
 
 EXAMPLES = """examples:
   megatrain prep corpus/ --out data/demo --vocab-size 4096
@@ -17,31 +19,6 @@ EXAMPLES = """examples:
   megatrain carbon --gpu-hours 1082990 --gpu-power-w 400 --pue 1.2 --intensity 57
   megatrain submit configs/my-run.yaml --cluster jean-zay-h100 --nodes 4 --account xyz
 """
-
-
-def _user_errors() -> tuple[type[Exception], ...]:
-    from data_prep.pipeline import PrepError
-    from data_prep.readers import InputError
-    from data_prep.recipe import RecipeError
-    from data_prep.tokenizer import TokenizerError
-    from megatrain.carbon import CarbonInputError
-    from megatrain.checkpoint import CheckpointError
-    from megatrain.config import ConfigError
-    from megatrain.report import ReportError
-    from megatrain.shards import ShardError
-
-    return (
-        ConfigError,
-        ShardError,
-        CheckpointError,
-        PrepError,
-        InputError,
-        TokenizerError,
-        RecipeError,
-        ReportError,
-        CarbonInputError,
-        FileNotFoundError,
-    )
 
 
 # ----------------------------------------------------------------------------- prep
@@ -86,97 +63,44 @@ def _is_rank0() -> bool:
 # ----------------------------------------------------------------------------- train
 
 
-def _in_distributed_launch() -> bool:
-    return "RANK" in os.environ or "SLURM_STEP_ID" in os.environ
-
-
 def _launch_local(args) -> int:
     """Start `nproc` local processes through torchrun, each running this same command."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={args.nproc}",
-        "-m",
-        "megatrain.cli",
-        "train",
-        args.config,
-        *args.overrides,
-    ]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    cmd += [f"--nproc_per_node={args.nproc}", "-m", "megatrain.cli", "train", args.config]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
-    return subprocess.call(cmd, env=env)
+    return subprocess.call([*cmd, *args.overrides], env=env)
 
 
 def cmd_train(args) -> int:
-    from megatrain import launch
     from megatrain.config import load_config
+    from megatrain.dist import DistEnv
+    from megatrain.stop import catch_stop_signals
 
-    launch.catch_stop_signals()  # a time-limit warning during the slow start-up must not kill us
-
+    catch_stop_signals()  # a time-limit warning during the slow start-up must not kill us
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
         print(json.dumps(dry_run(cfg, args.world_size or args.nproc)))
         return 0
-    if args.nproc > 1 and not _in_distributed_launch():
+    if args.nproc > 1 and DistEnv.from_environ().world_size == 1:
         return _launch_local(args)
 
-    import torch.distributed as dist
+    from megatrain.requeue import train_job
 
-    from megatrain.train import train
-
-    summary = train(
-        cfg
-    )  # an exception propagates: the launcher (torchrun, srun) stops the other ranks
-    rank = int(os.environ.get("RANK", 0))
-    if rank == 0:
-        print(
-            f"megatrain: {'stopped' if summary['interrupted'] else 'finished'} at step {summary['steps']}; "
-            f"run directory {summary['run_dir']}",
-            flush=True,
-        )
-    launch.finish_job(cfg, summary, rank)  # under Slurm, a signal-stop requeues the job (rank 0)
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-        # Everything is written and closed. Skip the interpreter's teardown, where gloo's threads
-        # occasionally abort ("terminate called without an active exception", ~2% of exits).
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    train_job(cfg)  # under Slurm, a signal-stop requeues the job
     return 0
 
 
 def dry_run(cfg, world_size: int) -> dict:
-    """Model size, FLOPs per token and batch layout, without touching a GPU or the data."""
-    from megatrain.config import resolve_batch
-    from megatrain.model import count_params, flops_per_token
+    """Model size, FLOPs per token and batch layout, without touching a GPU: the trainer's own
+    run plan (the dataset's manifest gives the vocabulary when the config leaves it to it)."""
+    from megatrain.plan import plan_run
     from megatrain.shards import Manifest
 
-    if cfg.model.vocab_size == 0:
-        vocab = Manifest.read(cfg.data.sources[0].path).vocab_size
-        cfg.model.vocab_size = cfg.model.vocab_multiple * math.ceil(
-            vocab / cfg.model.vocab_multiple
-        )
-    dp = max(1, world_size // cfg.parallel.tensor)
-    layout = resolve_batch(cfg, dp)
-    steps = cfg.run.max_steps or math.ceil(cfg.run.max_tokens / layout.tokens_per_step)
-    return {
-        **count_params(cfg.model, cfg.data.seq_len),
-        "flops_per_token": flops_per_token(cfg.model, cfg.data.seq_len),
-        "vocab_size": cfg.model.vocab_size,
-        "seq_len": cfg.data.seq_len,
-        "world_size": world_size,
-        "dp_size": dp,
-        "tp_size": cfg.parallel.tensor,
-        "micro_batch": layout.micro_batch,
-        "grad_accum": layout.grad_accum,
-        "global_batch": layout.global_batch,
-        "tokens_per_step": layout.tokens_per_step,
-        "max_steps": steps,
-        "total_tokens": steps * layout.tokens_per_step,
-    }
+    vocab = (
+        Manifest.read(cfg.data.sources[0].path).vocab_size if cfg.model.vocab_size == 0 else None
+    )
+    return plan_run(cfg, world_size, vocab).summary()
 
 
 # ----------------------------------------------------------------------------- submit
@@ -185,13 +109,13 @@ def dry_run(cfg, world_size: int) -> dict:
 def cmd_submit(args) -> int:
     import submitit
 
-    from megatrain import launch
+    from megatrain import submit
     from megatrain.config import load_cluster
 
-    time_min = launch.parse_slurm_time(args.time)
+    time_min = submit.parse_slurm_time(args.time)
     if args.dry_run:
-        cfg = launch.prepare(args.config, args.overrides, args.cluster)
-        params = launch.slurm_parameters(
+        cfg = submit.prepare(args.config, args.overrides, args.cluster)
+        params = submit.slurm_parameters(
             load_cluster(cfg.cluster),
             nodes=args.nodes,
             tasks_per_node=args.tasks_per_node,
@@ -202,7 +126,7 @@ def cmd_submit(args) -> int:
         )
         print(json.dumps(params, indent=2))
         return 0
-    job = launch.submit(
+    job = submit.submit(
         args.config,
         args.overrides,
         cluster=args.cluster,
@@ -529,10 +453,19 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides += extra
     try:
-        return args.func(args)
-    except _user_errors() as e:
-        print(f"megatrain {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        code = args.func(args)
+    except MegatrainError as e:
+        # an error every rank raised together is printed once
+        if not e.shared or DistEnv.from_environ(arrays_are_ranks=args.command == "prep").rank == 0:
+            print(f"megatrain {args.command}: error: {e}", file=sys.stderr)
+        code = 2
+    if args.command == "train" and not args.dry_run:
+        # Everything is written and closed. Skip the interpreter's teardown, where gloo's threads
+        # occasionally abort ("terminate called without an active exception", ~2% of exits).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -394,6 +394,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"'parallel.zero_stage' must be 0, 1, 2 or 3, got {cfg.parallel.zero_stage}"
         )
+    if cfg.parallel.offload_optimizer != "none" and cfg.parallel.zero_stage == 0:
+        # DeepSpeed's CPU Adam steps the optimizer partitions ZeRO keeps; without ZeRO nothing
+        # would move them to the CPU (and the trainer could not skip a non-finite step)
+        raise ConfigError(
+            "'parallel.offload_optimizer' needs 'parallel.zero_stage' 1, 2 or 3 (ZeRO-Offload "
+            "moves ZeRO's optimizer partitions to the CPU); set zero_stage to 1 or more"
+        )
     if cfg.parallel.offload_params != "none" and cfg.parallel.zero_stage != 3:
         raise ConfigError("'parallel.offload_params' needs 'parallel.zero_stage: 3'")
     if cfg.parallel.tensor < 1:
@@ -408,60 +415,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"'optim.min_lr' ({cfg.optim.min_lr}) is above 'optim.lr' ({cfg.optim.lr})"
         )
-
-
-@dataclass
-class BatchLayout:
-    """The batch resolved against the number of data-parallel ranks."""
-
-    micro_batch: int
-    grad_accum: int
-    dp_size: int
-    seq_len: int
-
-    @property
-    def global_batch(self) -> int:
-        return self.micro_batch * self.grad_accum * self.dp_size
-
-    @property
-    def tokens_per_step(self) -> int:
-        return self.global_batch * self.seq_len
-
-
-def resolve_batch(cfg: Config, dp_size: int) -> BatchLayout:
-    """global_batch = micro_batch x grad_accum x dp_size, from whichever of them the config gives."""
-    b, seq = cfg.batch, cfg.data.seq_len
-    target = b.global_batch
-    if b.global_tokens:
-        if b.global_tokens % seq:
-            raise ConfigError(
-                f"'batch.global_tokens' ({b.global_tokens}) is not a multiple of "
-                f"'data.seq_len' ({seq})"
-            )
-        if target and target != b.global_tokens // seq:
-            raise ConfigError(
-                "'batch.global_batch' and 'batch.global_tokens' disagree; set only one"
-            )
-        target = b.global_tokens // seq
-    if b.grad_accum:
-        layout = BatchLayout(b.micro_batch, b.grad_accum, dp_size, seq)
-        if target and layout.global_batch != target:
-            raise ConfigError(
-                f"micro_batch {b.micro_batch} x grad_accum {b.grad_accum} x {dp_size} ranks = "
-                f"{layout.global_batch} sequences, but the global batch asked for is {target}; "
-                "drop 'batch.grad_accum' to derive it"
-            )
-        return layout
-    if not target:
-        return BatchLayout(b.micro_batch, 1, dp_size, seq)
-    per_step = b.micro_batch * dp_size
-    if target % per_step:
-        raise ConfigError(
-            f"global batch {target} sequences is not divisible by micro_batch {b.micro_batch} x "
-            f"{dp_size} data-parallel ranks = {per_step}; change 'batch.micro_batch' or the "
-            "global batch"
-        )
-    return BatchLayout(b.micro_batch, target // per_step, dp_size, seq)
 
 
 # ----------------------------------------------------------------------------- docs

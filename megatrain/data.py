@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from megatrain.config import BatchLayout
 from megatrain.hashing import mix64
+from megatrain.plan import BatchLayout
 from megatrain.shards import Dataset
 
 
@@ -163,7 +163,8 @@ class DataLoader:
 
     Step s covers global samples [s0 + s*B, s0 + (s+1)*B) with B the global batch; rank r reads
     [r*b, (r+1)*b) of them with b = micro_batch x grad_accum, in micro-batches of micro_batch.
-    A background thread stays `prefetch` steps ahead.
+    A background thread, started at the first step, stays `prefetch` steps ahead. The data
+    position, `consumed_samples`, is the loader's checkpoint state.
     """
 
     def __init__(
@@ -182,8 +183,15 @@ class DataLoader:
         self.device = torch.device(device)
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._produce, args=(consumed_samples,), daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+
+    def state_dict(self) -> dict:
+        return {"consumed_samples": self.consumed_samples}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self._thread is not None:
+            raise RuntimeError("the data position can only be set before the first step")
+        self.consumed_samples = int(state["consumed_samples"])
 
     def sample_ids(self, first_global: int, count: int) -> list[tuple[int, int]]:
         """(dataset, sample id) of global samples [first_global, first_global + count)."""
@@ -230,6 +238,11 @@ class DataLoader:
 
     def next_step(self) -> list[Batch]:
         """The grad_accum micro-batches of the next optimizer step for this rank."""
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._produce, args=(self.consumed_samples,), daemon=True
+            )
+            self._thread.start()
         g, batches = self._queue.get()
         if g is None:
             raise batches
@@ -239,7 +252,8 @@ class DataLoader:
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        if self._thread is not None:
+            self._thread.join(timeout=5)
 
 
 IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index: padding rows add no loss

@@ -14,9 +14,10 @@ import math
 from collections import deque
 
 from megatrain.config import GuardConfig
+from megatrain.errors import MegatrainError
 
 
-class TooManyRollbacks(RuntimeError):
+class TooManyRollbacks(MegatrainError):
     """The run keeps diverging after rolling back; a human should look (LR, data, precision)."""
 
 
@@ -27,11 +28,28 @@ class StabilityGuard:
         self.cfg = cfg
         self.history: deque[float] = deque(maxlen=max(cfg.spike_window, self.MIN_HISTORY))
         self.bad_streak = 0
-        self.rollbacks = 0
+        self.skipped_steps = 0  # updates not applied (non-finite), over the whole run
+        self.rollbacks = 0  # in this job: guard.max_rollbacks is a per-job cap
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps, so that spike detection is not blind after a resume."""
+        return {
+            "skipped_steps": self.skipped_steps,
+            "loss_history": list(self.history),
+            "bad_streak": self.bad_streak,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        # checkpoints from before the history was saved hold only the skipped count
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.history.clear()
+        self.history.extend(state.get("loss_history", []))
+        self.bad_streak = int(state.get("bad_streak", 0))
 
     def check(self, loss: float, update_skipped: bool) -> str | None:
         """Classify a step: "nonfinite", "spike" or None (good)."""
         verdict = None
+        self.skipped_steps += update_skipped
         if update_skipped or not math.isfinite(loss):
             verdict = "nonfinite"
         elif self.cfg.spike_zscore > 0 and len(self.history) >= self.MIN_HISTORY:

@@ -21,7 +21,7 @@ import time
 import torch
 
 from megatrain import energy, hardware
-from megatrain.parallel import all_reduce
+from megatrain.dist import all_reduce
 
 
 def mfu(flops_per_token: float, tokens_per_s_per_device: float, peak_flops: float) -> float:
@@ -85,8 +85,8 @@ class StepMetrics:
     energy, CO2, GPU-hours (the meters' running time summed over ranks: the span the energy covers),
     ETA and the projected final energy and CO2.
 
-    `resumed` is the state() saved in the checkpoint this job resumed from: energy and device time
-    of earlier jobs of the same run, so that cumulative figures continue.
+    A checkpoint keeps its state_dict(): the energy and device time of the run so far, so that
+    the cumulative figures of a resumed run continue.
     """
 
     def __init__(
@@ -102,15 +102,13 @@ class StepMetrics:
         device: torch.device,
         max_steps: int,
         first_step: int,
-        resumed: dict | None = None,
         clock=time.perf_counter,
     ):
         self.tokens_per_step, self.world_size = tokens_per_step, world_size
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.meter, self.pue, self.intensity = meter, pue, intensity_g_per_kwh
         self.device, self.max_steps, self.first_step = device, max_steps, first_step
-        self.energy_before_j = float((resumed or {}).get("energy_j", 0.0))
-        self.device_s_before = float((resumed or {}).get("device_s", 0.0))
+        self.energy_before_j = self.device_s_before = 0.0  # earlier jobs of the run
         self.cuda = device.type == "cuda"
         self.clock = clock
         self.t_start = clock()
@@ -118,7 +116,7 @@ class StepMetrics:
         self._reset()
 
     def _reset(self) -> None:
-        self._loss_sum = 0.0  # a tensor once a step is seen; read only in collect()
+        self._loss_sum = 0.0
         self._steps = 0
         self._data_wait_s = self._wall_s = 0.0
         self._marks: list[tuple] = []  # (compute, optimizer, end) stamps of each step
@@ -142,13 +140,12 @@ class StepMetrics:
     def begin_optimizer(self) -> None:
         self._optimizer = self._stamp()
 
-    def end_step(self, loss, skipped_steps: int = 0) -> None:
-        """`loss`: the step's mean loss (a tensor stays on its device until collect()).
-        `skipped_steps`: cumulative steps the engine skipped (fp16 overflow), e.g. engine.skipped_steps."""
+    def end_step(self, loss: float, skipped_steps: int = 0) -> None:
+        """`loss`: the step's mean loss. `skipped_steps`: updates skipped so far in the run."""
         self._marks.append((self._compute, self._optimizer, self._stamp()))
         self._t_end = self.clock()
         self._wall_s += self._t_end - self._t_step
-        self._loss_sum = self._loss_sum + (loss.detach() if torch.is_tensor(loss) else loss)
+        self._loss_sum += float(loss)
         self._steps += 1
         self.skipped_steps = int(skipped_steps)
 
@@ -165,41 +162,28 @@ class StepMetrics:
 
     def collect(self, step: int, **extra) -> dict:
         """One record for the steps since the last collect(); call on every rank at the same step."""
-        fwd_bwd_s, optimizer_s = (
-            self._phase_seconds()
-        )  # synchronizes the GPU: the clock below is honest
+        # synchronizes the GPU: the clock below is honest
+        fwd_bwd_s, optimizer_s = self._phase_seconds()
         now = self.clock()
         if self._t_end is not None:
             self._wall_s += now - self._t_end  # GPU work still queued at end_step() finished by now
         n = max(self._steps, 1)
         sample = self.meter.read()
-        loss_sum = float(self._loss_sum)
-        estimated = 1.0 if sample.method == "estimate" else 0.0
-        (
-            loss_sum,
-            joules,
-            power,
-            metered_s,
-            wall_s,
-            data_wait_s,
-            fwd_bwd_s,
-            optimizer_s,
-            n_estimated,
-        ) = all_reduce(
-            [
-                loss_sum,
-                sample.joules,
-                sample.power_w,
-                sample.elapsed_s,
-                self._wall_s,
-                self._data_wait_s,
-                fwd_bwd_s,
-                optimizer_s,
-                estimated,
-            ],
-            "sum",
+        sums = all_reduce(
+            {
+                "loss": self._loss_sum,
+                "joules": sample.joules,
+                "power_w": sample.power_w,
+                "metered_s": sample.elapsed_s,
+                "wall_s": self._wall_s,
+                "data_wait_s": self._data_wait_s,
+                "fwd_bwd_s": fwd_bwd_s,
+                "optimizer_s": optimizer_s,
+                "estimating_ranks": 1.0 if sample.method == "estimate" else 0.0,
+            }
         )
-        (mem_gb,) = all_reduce([peak_memory_gb(self.device)], "max")
+        mem_gb = all_reduce({"mem_gb": peak_memory_gb(self.device)}, "max")["mem_gb"]
+        joules, wall_s = sums["joules"], sums["wall_s"]
         w = self.world_size
         step_s = wall_s / w / n  # mean over ranks, per step
         tok_s = self.tokens_per_step / step_s if step_s > 0 else 0.0
@@ -212,7 +196,7 @@ class StepMetrics:
         projected_j = joules_total + joules / done * remaining
         record = {
             "step": step,
-            "loss": loss_sum / (n * w),
+            "loss": sums["loss"] / (n * w),
             **extra,
             "tokens_per_s": tok_s,
             "tokens_per_s_per_gpu": per_device,
@@ -223,19 +207,19 @@ class StepMetrics:
         record.update(
             {
                 "step_s": step_s,
-                "data_wait_s": data_wait_s / w / n,
-                "fwd_bwd_s": fwd_bwd_s / w / n,
-                "optimizer_s": optimizer_s / w / n,
+                "data_wait_s": sums["data_wait_s"] / w / n,
+                "fwd_bwd_s": sums["fwd_bwd_s"] / w / n,
+                "optimizer_s": sums["optimizer_s"] / w / n,
                 "skipped_steps": self.skipped_steps,
                 "mem_gb": mem_gb,
-                "gpu_hours": (self.device_s_before + metered_s)
-                / 3600,  # the span the energy covers
-                "power_w": power,
+                # the span the energy covers
+                "gpu_hours": (self.device_s_before + sums["metered_s"]) / 3600,
+                "power_w": sums["power_w"],
                 "energy_kwh_it": joules_total / 3.6e6,
                 "energy_kwh_facility": kwh_facility,
                 "co2_kg": energy.co2_kg(kwh_facility, self.intensity),
                 # one estimating rank makes the whole sum an estimate, and it says so
-                "energy_method": "estimate" if n_estimated > 0 else sample.method,
+                "energy_method": "estimate" if sums["estimating_ranks"] > 0 else sample.method,
                 "eta_s": elapsed / done * remaining,
                 "projected_kwh_facility": energy.facility_kwh(projected_j, self.pue),
                 "projected_co2_kg": energy.co2_kg(
@@ -246,11 +230,16 @@ class StepMetrics:
         self._reset()
         return record
 
-    def state(self) -> dict:
-        """Cumulative energy (J, all ranks) and device-seconds of the run so far, for checkpoints (collective)."""
+    def state_dict(self) -> dict:
+        """Energy (J, all ranks) and device-seconds of the run so far (collective): a resumed run
+        continues its cumulative figures."""
         sample = self.meter.read()
-        joules, device_s = all_reduce([sample.joules, sample.elapsed_s], "sum")
+        sums = all_reduce({"energy_j": sample.joules, "device_s": sample.elapsed_s})
         return {
-            "energy_j": joules + self.energy_before_j,
-            "device_s": device_s + self.device_s_before,
+            "energy_j": sums["energy_j"] + self.energy_before_j,
+            "device_s": sums["device_s"] + self.device_s_before,
         }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.energy_before_j = float(state.get("energy_j", 0.0))
+        self.device_s_before = float(state.get("device_s", 0.0))

@@ -5,11 +5,12 @@
 
 The defaults are LLaMA's (RMSNorm, rotary positions, SwiGLU, no biases); the config's switches
 give GPT-2 (LayerNorm, learned positions, GELU, biases, tied embeddings). Nothing here knows
-about parallelism: megatrain/parallel.py applies ZeRO, tensor parallelism and activation
-checkpointing from outside. Attention goes through `scaled_dot_product_attention`, which picks
-flash kernels on GPU. Projections are separate linear layers (q, k, v, o; gate, up, down) so
-that tensor parallelism can split each one by columns or rows; layers derive their local head
-count from the projection's actual width, so they also run when split.
+about parallelism: megatrain/parallel.py applies ZeRO, activation checkpointing and tensor
+parallelism from outside, the latter following the plan declared here (TENSOR_PARALLEL_PLAN).
+Attention goes through `scaled_dot_product_attention`, which picks flash kernels on GPU.
+Projections are separate linear layers (q, k, v, o; gate, up, down) so that tensor parallelism
+can split each one by columns or rows; layers derive their local head count from the
+projection's actual width, so they also run when split.
 """
 
 from __future__ import annotations
@@ -112,6 +113,23 @@ class MLP(nn.Module):
         return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
 
 
+# How tensor parallelism splits each linear layer of a block (Megatron-LM's scheme, applied from
+# outside by megatrain/parallel.py): "column" layers fan out and are split by output features,
+# "row" layers fan back into the residual stream and are split by input features, so a block
+# needs one all-reduce after attention and one after the MLP. Embeddings, norms and the output
+# head stay whole. The "row" layers are the residual branches' output projections, which is
+# also where GPT-2 scales the init down (Transformer.__init__).
+TENSOR_PARALLEL_PLAN = {
+    "attn.q_proj": "column",
+    "attn.k_proj": "column",
+    "attn.v_proj": "column",
+    "attn.o_proj": "row",
+    "mlp.gate_proj": "column",
+    "mlp.up_proj": "column",
+    "mlp.down_proj": "row",
+}
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -151,8 +169,11 @@ class Transformer(nn.Module):
             self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
         # GPT-2's scaled init: each residual branch's output projection by 1/sqrt(2 * n_layer)
+        residual_outputs = {
+            f"{n}.weight" for n, split in TENSOR_PARALLEL_PLAN.items() if split == "row"
+        }
         for name, p in self.named_parameters():
-            if name.endswith(("o_proj.weight", "down_proj.weight")):
+            if name.split(".", 2)[-1] in residual_outputs:  # blocks.<i>.attn.o_proj.weight
                 nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layer))
 
     def _init_weights(self, module):

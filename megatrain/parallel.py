@@ -1,9 +1,8 @@
-"""Distributed set-up and parallelism, applied to a model from outside.
+"""Parallelism, applied to a model from outside (the process group is megatrain/dist.py's).
 
-- `DistEnv.from_environ()`: who am I, from torchrun's or Slurm's variables.
-- `init_distributed()`: the process group (NCCL on GPU, gloo on CPU) through DeepSpeed.
 - `deepspeed_config()`: our typed config turned into DeepSpeed's JSON (ZeRO stage, precision,
   offload, batch layout, clipping).
+- `tensor_parallel_config()`: DeepSpeed AutoTP rules from the model's TENSOR_PARALLEL_PLAN.
 - `apply_activation_checkpointing()`: recompute each block in backward.
 - `build_engine()`: model + optimizer -> DeepSpeed engine.
 """
@@ -11,89 +10,14 @@
 from __future__ import annotations
 
 import functools
-import os
-import warnings
-from dataclasses import dataclass
+import re
 
 import torch
 
-from megatrain.config import BatchLayout, Config, ConfigError
+from megatrain.config import Config
+from megatrain.model import TENSOR_PARALLEL_PLAN
 from megatrain.optim import build_optimizer, param_groups
-
-
-@dataclass
-class DistEnv:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    local_world_size: int = 1
-    master_addr: str = "127.0.0.1"
-    master_port: int = 29500
-
-    @classmethod
-    def from_environ(cls, environ=os.environ) -> DistEnv:
-        """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; under `srun` we read SLURM_PROCID/NTASKS/LOCALID.
-        The master address and port: see `megatrain.launch.rendezvous` (first host of the step, port from the job id)."""
-        from megatrain.launch import rendezvous
-
-        addr, port = rendezvous(environ)
-        if "RANK" in environ and "WORLD_SIZE" in environ:
-            return cls(
-                int(environ["RANK"]),
-                int(environ["WORLD_SIZE"]),
-                int(environ.get("LOCAL_RANK", 0)),
-                int(environ.get("LOCAL_WORLD_SIZE", environ["WORLD_SIZE"])),
-                addr,
-                port,
-            )
-        if "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ and "SLURM_STEP_ID" in environ:
-            tasks_on_node = environ.get(
-                "SLURM_NTASKS_PER_NODE", environ.get("SLURM_TASKS_PER_NODE", "1")
-            )
-            return cls(
-                int(environ["SLURM_PROCID"]),
-                int(environ["SLURM_NTASKS"]),
-                int(environ.get("SLURM_LOCALID", 0)),
-                int(tasks_on_node.split("(")[0].split(",")[0]),
-                addr,
-                port,
-            )
-        return cls(master_addr=addr, master_port=port)
-
-
-def device_for(env: DistEnv) -> torch.device:
-    if torch.cuda.is_available():
-        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def init_distributed(env: DistEnv) -> torch.device:
-    """Create the default process group; MASTER_ADDR/MASTER_PORT must be set when world_size > 1."""
-    device = device_for(env)
-    if device.type == "cpu":
-        os.environ.setdefault(
-            "DS_ACCELERATOR", "cpu"
-        )  # say so, rather than let DeepSpeed warn it guessed
-    # DeepSpeed 0.19 calls a torch.distributed function that torch 2.13 deprecates; nothing for users to do
-    warnings.filterwarnings(
-        "ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning
-    )
-    import deepspeed
-
-    os.environ.setdefault("MASTER_ADDR", env.master_addr)
-    os.environ.setdefault("MASTER_PORT", str(env.master_port))
-    # DeepSpeed reads these from the environment, whichever launcher started us
-    os.environ.update(
-        RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank)
-    )
-    deepspeed.init_distributed(
-        dist_backend="nccl" if device.type == "cuda" else "gloo",
-        auto_mpi_discovery=False,
-        rank=env.rank,
-        world_size=env.world_size,
-    )
-    return device
+from megatrain.plan import BatchLayout
 
 
 def deepspeed_config(cfg: Config, layout: BatchLayout, load_universal: bool = False) -> dict:
@@ -135,53 +59,21 @@ def deepspeed_config(cfg: Config, layout: BatchLayout, load_universal: bool = Fa
     return ds
 
 
-# Tensor parallelism (Megatron's split, applied by DeepSpeed's training AutoTP): the projections
-# that fan out are split by output columns, the ones that fan back in by input rows, so each block
-# needs one all-reduce after attention and one after the MLP. Embeddings, norms and the output
-# head stay replicated.
-COLUMN_PARALLEL = r".*\.(q_proj|k_proj|v_proj|gate_proj|up_proj)\.weight$"
-ROW_PARALLEL = r".*\.(o_proj|down_proj)\.weight$"
-
-
 def tensor_parallel_config(size: int) -> dict:
+    """DeepSpeed AutoTP's partition rules, one per layer of the model's TENSOR_PARALLEL_PLAN."""
+    patterns: dict[str, list[str]] = {"column": [], "row": []}
+    for name, split in TENSOR_PARALLEL_PLAN.items():
+        patterns[split].append(rf".*\.{re.escape(name)}\.weight$")
     return {
         "autotp_size": size,
         "partition_config": {
             "use_default_specs": False,
             "layer_specs": [
-                {"patterns": [COLUMN_PARALLEL], "partition_type": "column"},
-                {"patterns": [ROW_PARALLEL], "partition_type": "row"},
+                {"patterns": patterns[split], "partition_type": split}
+                for split in ("column", "row")
             ],
         },
     }
-
-
-def validate_tensor_parallel(cfg: Config, world_size: int, local_world_size: int) -> None:
-    """Every split must be even, and a tensor-parallel group must not span nodes; errors name the key."""
-    from megatrain.model import mlp_hidden_size
-
-    tp, m = cfg.parallel.tensor, cfg.model
-    if world_size % tp:
-        raise ConfigError(
-            f"'parallel.tensor' ({tp}) must divide the number of processes ({world_size})"
-        )
-    checks = [
-        ("model.n_head", m.n_head),
-        ("model.n_kv_head", m.n_kv_head or m.n_head),
-        ("model.d_ff", mlp_hidden_size(m)),
-    ]
-    for key, value in checks:
-        if value % tp:
-            raise ConfigError(
-                f"'{key}' ({value}) is not divisible by 'parallel.tensor' ({tp}): each of the {tp} "
-                f"ranks would get an uneven share; change one of them"
-            )
-    if tp > 1 and local_world_size % tp:
-        raise ConfigError(
-            f"'parallel.tensor' ({tp}) does not divide the {local_world_size} processes per node: a "
-            "tensor-parallel group would span nodes (all-reduces twice per layer over the network); "
-            "use a tensor size that divides the GPUs per node"
-        )
 
 
 def parameter_bytes(module: torch.nn.Module) -> int:
@@ -214,33 +106,6 @@ def apply_activation_checkpointing(model: torch.nn.Module) -> None:
         block.forward = functools.partial(
             checkpoint, type(block).forward.__get__(block), use_reentrant=False
         )
-
-
-def all_reduce(values: list[float], op: str = "sum") -> list[float]:
-    """Sum (or max) of a few floats over all ranks; identity when not distributed."""
-    import torch.distributed as dist
-
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized():
-        if dist.get_backend() == "nccl":  # NCCL reduces GPU tensors only
-            t = t.cuda()
-        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
-    return t.tolist()
-
-
-def all_reduce_sum(values: list[float]) -> list[float]:
-    return all_reduce(values, "sum")
-
-
-def all_gather(value) -> list:
-    """One picklable value from every rank, in rank order."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        return [value]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, value)
-    return out
 
 
 def build_engine(

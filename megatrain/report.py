@@ -20,10 +20,11 @@ from pathlib import Path
 import yaml
 
 from megatrain import carbon
+from megatrain.errors import MegatrainError
 from megatrain.sinks import human_energy, human_mass
 
 
-class ReportError(ValueError):
+class ReportError(MegatrainError):
     """The run directory cannot be reported on; the message says why."""
 
 
@@ -31,7 +32,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
     """Records of metrics.jsonl, one per step: after a resume, the later record of a step wins."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: is {run_dir} a megatrain run directory?")
+        raise ReportError(f"{path} not found: is {run_dir} a megatrain run directory?")
     by_step: dict[int, dict] = {}
     for line in path.read_text().splitlines():
         if line.strip():

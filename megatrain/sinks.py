@@ -39,6 +39,24 @@ class JsonlSink:
         self.file.close()
 
 
+class EventLog:
+    """RUN_DIR/events.jsonl, the run's record of what happened; each event is also one console
+    line. The file is opened per event (events are rare), so that whoever writes one (the
+    trainer, or the requeue after it) needs nothing open."""
+
+    def __init__(self, run_dir: Path, echo=print):
+        self.path = Path(run_dir) / "events.jsonl"
+        self.echo = echo
+
+    def write(self, record: dict, echo: bool = True) -> dict:
+        record = {"time": time.time(), **record}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, default=float) + "\n")
+        if echo:
+            self.echo(event_line(record))
+        return record
+
+
 def reachable(url: str, timeout: float = WANDB_PROBE_TIMEOUT_S) -> str | None:
     """None if an HTTP server answers at `url` within `timeout` s (any status), else why not.
 
@@ -261,7 +279,7 @@ class MetricsLogger:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         self.sinks.append(JsonlSink(run_dir / "metrics.jsonl"))
-        self.events = JsonlSink(run_dir / "events.jsonl")
+        self.events = EventLog(run_dir, echo=self.console.print)
         if wandb_args and wandb_args["mode"] != "disabled":
             try:
                 self.wandb = WandbSink(run_dir, **wandb_args)
@@ -285,7 +303,7 @@ class MetricsLogger:
             return
         self.console.max_steps = int(info.get("max_steps") or 0)
         self.console.total_tokens = self.console.max_steps * int(info.get("tokens_per_step") or 0)
-        self.events.write({"time": time.time(), "event": "run_start", **info})
+        self.events.write({"event": "run_start", **info}, echo=False)
         if self.wandb:
             try:
                 self.wandb.update_config(info)
@@ -301,11 +319,9 @@ class MetricsLogger:
     def event(self, record: dict) -> None:
         if not self.enabled:
             return
-        record = {"time": time.time(), **record}
         self.events.write(record)
-        self.console.print(event_line(record))
 
     def close(self) -> None:
-        for sink in self.sinks + ([self.events] if self.events else []):
+        for sink in self.sinks:
             sink.close()
-        self.sinks, self.events, self.wandb = [], None, None
+        self.sinks, self.wandb = [], None

@@ -1,47 +1,42 @@
-"""The training loop.
+"""The training loop, assembled from parts.
 
-    Trainer(cfg):  process group -> datasets -> model -> resume point -> DeepSpeed engine -> data loader
-    Trainer.run(): next batch -> forward/backward per micro-batch -> optimizer step -> guard
-                   -> log (+ eval) -> checkpoint -> stop on signal
-    finish:        last validation, last checkpoint, summary
+    Trainer(cfg):  process group -> datasets -> run plan -> resume point -> engine -> parts:
+                   data loader, metrics, stability guard, evaluator, checkpointer
+    Trainer.run(): step -> guard (skip, spike, roll back) -> log and evaluate -> checkpoint,
+                   until the step budget, `run.stop_at_step` or a stop signal
 
-Every rank runs this same code (torchrun, srun, or `megatrain train --nproc N`).
+Each part owns its state and its cadence; the loop only asks them. Every rank runs this same
+code (torchrun, srun, mpiexec or `megatrain train --nproc N`).
 """
 
 from __future__ import annotations
 
 import math
-import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import yaml
 
-from megatrain import checkpoint, energy, hardware
-from megatrain.config import Config, ConfigError, load_cluster, resolve_batch
-from megatrain.data import IGNORE_INDEX, DataLoader, PackedSamples, validation_batches
+from megatrain import dist, energy, faults, hardware
+from megatrain.callbacks import Callback
+from megatrain.checkpoint import Checkpointer, ResumePoint, find_resumable, find_resume_point
+from megatrain.config import Config, ConfigError, load_cluster
+from megatrain.data import DataLoader, PackedSamples, validation_batches
+from megatrain.evaluator import Evaluator
+from megatrain.files import atomic_write_text
 from megatrain.guard import StabilityGuard
-from megatrain.launch import StopRequest
 from megatrain.metrics import StepMetrics, resolve_peak
-from megatrain.model import Transformer, count_params, flops_per_token
+from megatrain.model import Transformer
 from megatrain.optim import lr_at
-from megatrain.parallel import (
-    DistEnv,
-    all_gather,
-    all_reduce_sum,
-    build_engine,
-    init_distributed,
-    parameter_bytes,
-    validate_tensor_parallel,
-)
-from megatrain.shards import Dataset, ShardError
+from megatrain.parallel import build_engine, parameter_bytes
+from megatrain.plan import plan_run
+from megatrain.shards import Dataset
 from megatrain.sinks import MetricsLogger
-
-# Test hook: optimizer steps whose loss becomes NaN on rank 0, once each (as bad data would, until skipped).
-INJECT_NAN_ENV = "MEGATRAIN_INJECT_NAN_AT_STEPS"
+from megatrain.stop import StopRequest
 
 
 def software_versions() -> dict:
@@ -52,38 +47,25 @@ def software_versions() -> dict:
         "torch": str(torch.__version__),
         "deepspeed": str(deepspeed.__version__),
     }
+    root = Path(__file__).resolve().parent.parent
     try:
-        root = Path(__file__).resolve().parent.parent
-        versions["git_commit"] = (
-            subprocess.run(
-                ["git", "-C", str(root), "rev-parse", "HEAD"],
-                capture_output=True,
-                text=True,
-                timeout=5,
-                check=False,
-            ).stdout.strip()
-            or None
-        )
+        git = ["git", "-C", str(root), "rev-parse", "HEAD"]
+        commit = subprocess.run(git, capture_output=True, text=True, timeout=5, check=False)
+        versions["git_commit"] = commit.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         versions["git_commit"] = None
     return versions
 
 
 def open_sources(cfg: Config, rank: int, world: int) -> list[PackedSamples]:
-    """Open every dataset on every rank; each rank hashes only its share of the shards (collective)."""
+    """Open every dataset on every rank; each rank hashes only its share of the shards, and a
+    bad shard stops every rank with the same error (collective)."""
 
     def mine(shard_index: int) -> bool:
         return cfg.data.verify_checksums and shard_index % world == rank
 
-    try:
-        datasets, problem = [Dataset(src.path, verify=mine) for src in cfg.data.sources], None
-    except ShardError as e:
-        datasets, problem = [], e
-    problems = [p for p in all_gather(str(problem) if problem else None) if p]
-    if problems:  # raise on every rank, so that none waits forever for the others
-        raise problem if problem else ShardError(problems[0])
-    tokenizers = {d.manifest.tokenizer_sha256 for d in datasets}
-    if len(tokenizers) > 1:
+    datasets = dist.agree(lambda: [Dataset(src.path, verify=mine) for src in cfg.data.sources])
+    if len({d.manifest.tokenizer_sha256 for d in datasets}) > 1:
         raise ConfigError(
             "the datasets in 'data.sources' were tokenized with different tokenizers: "
             + ", ".join(f"{d.directory} ({d.manifest.tokenizer_sha256[:12]})" for d in datasets)
@@ -95,284 +77,288 @@ def open_sources(cfg: Config, rank: int, world: int) -> list[PackedSamples]:
 
 
 class Trainer:
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
-        env = DistEnv.from_environ()
-        self.device = init_distributed(env)
+    def __init__(self, cfg: Config, callbacks: Sequence[Callback] = ()):
+        self.cfg, self.callbacks = cfg, list(callbacks)
+        env = dist.DistEnv.from_environ()
+        self.device = dist.init_process_group(env)
         self.rank, self.world = env.rank, env.world_size
-        tp = cfg.parallel.tensor
-        validate_tensor_parallel(cfg, self.world, env.local_world_size)
-        # ranks r // tp share a tensor-parallel group and read the same data
-        self.dp_size, self.dp_rank = self.world // tp, self.rank // tp
-        self.run_dir, self.ckpt_dir = cfg.run_dir, cfg.run_dir / "checkpoints"
-        self.cluster = load_cluster(cfg.cluster)
-
         self.sources = open_sources(cfg, self.rank, self.world)
-        vocab = self.sources[0].dataset.manifest.vocab_size
-        if cfg.model.vocab_size == 0:
-            cfg.model.vocab_size = cfg.model.vocab_multiple * math.ceil(
-                vocab / cfg.model.vocab_multiple
-            )
-        elif cfg.model.vocab_size < vocab:
-            raise ConfigError(
-                f"'model.vocab_size' ({cfg.model.vocab_size}) is smaller than the tokenizer's "
-                f"({vocab}); set it to 0 to take the dataset's"
-            )
-        self.layout = resolve_batch(cfg, self.dp_size)
-        self.max_steps = cfg.run.max_steps or math.ceil(
-            cfg.run.max_tokens / self.layout.tokens_per_step
-        )
-        self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
-        self.accel = accel = hardware.detect_accelerator()
+        vocab = self.sources[0].dataset.vocab_size
+        self.plan = plan_run(cfg, self.world, vocab, env.local_world_size)
+        cfg.model = self.plan.model  # with its vocabulary size, for config.yaml and checkpoints
+        self.dp_rank = self.rank // self.plan.tp_size  # tensor-parallel groups read the same data
+        self.cluster = load_cluster(cfg.cluster)
+        self.accel = hardware.detect_accelerator()
         self.peak_flops, self.peak_source = resolve_peak(
-            cfg.precision, accel, self.cluster.peak_tflops, self.cluster.accelerator
+            cfg.precision, self.accel, self.cluster.peak_tflops, self.cluster.accelerator
         )
-
-        self.logger = MetricsLogger(
-            self.run_dir,
-            enabled=self.rank == 0,
-            wandb_args={
-                "name": cfg.run.name,
-                "mode": cfg.wandb.mode,
-                "project": cfg.wandb.project,
-                "entity": cfg.wandb.entity,
-                "config": {"config": asdict(cfg)},
-            },
-        )  # the rest comes with run_start
+        self.logger = MetricsLogger(cfg.run_dir, enabled=self.rank == 0, wandb_args=self._wandb())
         self.resolved = self._write_resolved_config() if self.rank == 0 else {}
+        self.stop = StopRequest()
 
-        # The resume point decides how the engine is built: a checkpoint from another
-        # (dp, tp, ZeRO) layout loads through DeepSpeed's universal format.
-        self.step, self.consumed, self.skipped, meta = 0, 0, 0, {}
-        found = (
-            checkpoint.find_resumable(self.ckpt_dir, log=self.logger.event)
-            if cfg.run.resume == "auto"
-            else None
-        )
-        load_tag, universal = None, False
-        if found:
-            load_tag, meta = found
-            universal = checkpoint.needs_universal(meta, self.dp_size, tp, cfg.parallel.zero_stage)
-            if universal:
-                load_tag = checkpoint.to_universal(self.ckpt_dir, load_tag, log=self.logger.event)
-            self.step, self.consumed, self.skipped = (
-                meta["step"],
-                meta["consumed_samples"],
-                meta.get("skipped_steps", 0),
-            )
-
+        resume = self._resume_point()
         torch.manual_seed(cfg.run.seed)
         self.engine, self.optimizer = build_engine(
             Transformer(cfg.model, cfg.data.seq_len),
             cfg,
-            self.layout,
+            self.plan.layout,
             self.device,
-            load_universal=universal,
+            load_universal=bool(resume and resume.universal),
         )
-        if load_tag:
-            checkpoint.load(self.engine, self.ckpt_dir, load_tag)
+        self.step = resume.manifest["step"] if resume else 0
+        self._build_parts(env.local_rank)
+        if resume:
+            self.checkpointer.restore(resume.tag, resume.manifest)
             self.logger.event(
                 {
                     "event": "resumed",
-                    "tag": load_tag,
+                    "tag": resume.tag,
                     "step": self.step,
-                    "consumed_samples": self.consumed,
-                    "universal": universal,
+                    "consumed_samples": self.loader.consumed_samples,
+                    "universal": resume.universal,
                 }
             )
+        gathered = dist.all_gather(parameter_bytes(self.engine.module))
+        self.param_gb_per_rank = [b / 2**30 for b in gathered]
 
-        self.param_gb_per_rank = [
-            b / 2**30 for b in all_gather(parameter_bytes(self.engine.module))
-        ]
-        self.weights = [s.weight for s in cfg.data.sources]
-        self.loader = self._loader(self.consumed)
-        self.val_batches = validation_batches(
-            self.sources,
-            self.weights,
-            cfg.run.eval_batches * self.layout.micro_batch * self.dp_size,
-            self.layout.micro_batch,
-            self.dp_rank,
-            self.dp_size,
+    def _wandb(self) -> dict:
+        c = self.cfg
+        return {
+            "name": c.run.name,
+            "mode": c.wandb.mode,
+            "project": c.wandb.project,
+            "entity": c.wandb.entity,
+            "config": {"config": asdict(c)},  # the rest comes with run_start
+        }
+
+    def _write_resolved_config(self) -> dict:
+        plan = self.plan
+        resolved = {
+            "cluster_profile": asdict(self.cluster),
+            "world_size": self.world,
+            "dp_size": plan.dp_size,
+            "batch": {**asdict(plan.layout), "global_batch": plan.layout.global_batch},
+            "max_steps": plan.max_steps,
+            "params": plan.params,
+            "non_embedding_params": plan.non_embedding_params,
+            "flops_per_token": plan.flops_per_token,
+            "versions": software_versions(),
+        }
+        text = yaml.safe_dump({**asdict(self.cfg), "resolved": resolved}, sort_keys=False)
+        atomic_write_text(self.cfg.run_dir / "config.yaml", text)
+        return resolved
+
+    def _resume_point(self) -> ResumePoint | None:
+        """Where this job continues the run; it decides how the engine is built (a checkpoint of
+        another (dp, tp, ZeRO) layout loads through DeepSpeed's universal format)."""
+        if self.cfg.run.resume != "auto":
+            return None
+        p = self.cfg.parallel
+        return find_resume_point(
+            self.cfg.run_dir / "checkpoints",
+            self.plan.dp_size,
+            p.tensor,
+            p.zero_stage,
+            log=self.logger.event,
         )
+
+    def _build_parts(self, local_rank: int) -> None:
+        cfg, plan, layout = self.cfg, self.plan, self.plan.layout
+        weights = [s.weight for s in cfg.data.sources]
+        self.loader = DataLoader(
+            self.sources, weights, layout, self.dp_rank, 0, cfg.data.prefetch, self.device.type
+        )
+        fallback = self.cluster.device_power_w or self.accel.tdp_w or 0.0
         self.meter = energy.make_meter(
             str(self.device),
-            env.local_rank,
-            self.cluster.device_power_w or accel.tdp_w or 0.0,
+            local_rank,
+            fallback,
             fallback_source=(
                 f"cluster profile '{self.cluster.name}'"
                 if self.cluster.device_power_w
-                else f"{accel.name} board power"
+                else f"{self.accel.name} board power"
             ),
         )
         self.metrics = StepMetrics(
-            tokens_per_step=self.layout.tokens_per_step,
+            tokens_per_step=layout.tokens_per_step,
             world_size=self.world,
-            flops_per_token=self.flops_per_token,
+            flops_per_token=plan.flops_per_token,
             peak_flops=self.peak_flops,
             meter=self.meter,
             pue=self.cluster.pue,
             intensity_g_per_kwh=self.cluster.carbon_intensity_g_per_kwh,
             device=self.device,
-            max_steps=self.max_steps,
+            max_steps=plan.max_steps,
             first_step=self.step,
-            resumed=meta,
         )
         self.guard = StabilityGuard(cfg.guard)
-        self.stop = StopRequest()
-        self.inject_nan = {int(s) for s in os.environ.get(INJECT_NAN_ENV, "").split(",") if s}
-
-    def _loader(self, consumed: int) -> DataLoader:
-        return DataLoader(
-            self.sources,
-            self.weights,
-            self.layout,
-            self.dp_rank,
-            consumed,
-            self.cfg.data.prefetch,
-            self.device.type,
+        val_samples = cfg.run.eval_batches * layout.micro_batch * plan.dp_size
+        val = validation_batches(
+            self.sources, weights, val_samples, layout.micro_batch, self.dp_rank, plan.dp_size
         )
-
-    def _write_resolved_config(self) -> dict:
-        cfg = self.cfg
-        resolved = {
-            "cluster_profile": asdict(self.cluster),
-            "world_size": self.world,
-            "dp_size": self.dp_size,
-            "batch": {**asdict(self.layout), "global_batch": self.layout.global_batch},
-            "max_steps": self.max_steps,
-            **count_params(cfg.model, cfg.data.seq_len),
-            "flops_per_token": self.flops_per_token,
-            "versions": software_versions(),
-        }
-        (self.run_dir / "config.yaml").write_text(
-            yaml.safe_dump({**asdict(cfg), "resolved": resolved}, sort_keys=False)
+        self.evaluator = Evaluator(self.engine, val, cfg.run.eval_every, self.device)
+        layout_info = {"dp_size": plan.dp_size, "tp_size": plan.tp_size}
+        self.checkpointer = Checkpointer(
+            self.engine,
+            cfg.run_dir / "checkpoints",
+            cfg.run,
+            parts={"data": self.loader, "metrics": self.metrics, "guard": self.guard},
+            info={
+                "config": asdict(cfg),
+                "layout": {**layout_info, "zero_stage": cfg.parallel.zero_stage},
+            },
         )
-        return resolved
 
     # ------------------------------------------------------------------------- one step
 
     def train_step(self) -> tuple[float, bool, bool]:
         """Forward/backward over this rank's micro-batches and one optimizer step.
 
-        Returns (mean loss over all ranks, update skipped, stop requested) — agreed by all ranks.
+        Returns (mean loss over all ranks, update skipped, stop requested), agreed by all ranks.
         """
         engine, metrics = self.engine, self.metrics
+        lr = lr_at(self.step, self.cfg.optim, self.plan.max_steps)
+        for group in engine.optimizer.param_groups:
+            group["lr"] = lr
         metrics.begin_step()
         batches = self.loader.next_step()
         metrics.begin_compute()
         skipped_before = engine.skipped_steps
-        loss_sum, nonfinite = torch.zeros((), dtype=torch.float64, device=self.device), 0.0
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for i, b in enumerate(batches):
             loss = engine(b.inputs, b.targets)
-            if self.step + 1 in self.inject_nan and i == len(batches) - 1:
-                self.inject_nan.discard(self.step + 1)
-                if self.rank == 0:
-                    loss = loss * float("nan")
             engine.backward(loss)
             loss_sum += loss.detach()  # stays on the device: one host sync per step, below
             if i == len(batches) - 1:
-                # one collective per step: the loss, whether any rank saw a non-finite loss, stop votes
+                # one collective per step: the loss, any rank's non-finite loss, stop votes
                 local = loss_sum.item()
-                loss_sum, nonfinite, *votes = all_reduce_sum(
-                    [local, 0.0 if math.isfinite(local) else 1.0, *self.stop.votes()]
-                )
-                stop = self.stop.agree(votes)
-                if nonfinite and self.cfg.parallel.zero_stage == 0:
-                    self.optimizer.skip_next = (
-                        True  # ZeRO 1-3 discard non-finite steps by themselves
-                    )
-                metrics.begin_optimizer()  # DeepSpeed updates the weights in step() at the accumulation boundary
+                nonfinite = 0.0 if math.isfinite(local) else 1.0
+                sums = dist.all_reduce({"loss": local, "nonfinite": nonfinite, **self.stop.votes()})
+                if sums["nonfinite"] and self.cfg.parallel.zero_stage == 0:
+                    self.optimizer.skip_next = True  # ZeRO 1-3 discard non-finite steps themselves
+                metrics.begin_optimizer()  # DeepSpeed updates the weights at the last step()
             engine.step()
-        skipped = bool(nonfinite) or engine.skipped_steps > skipped_before
-        self.skipped += skipped
-        loss = loss_sum / (len(batches) * self.world)
-        metrics.end_step(
-            loss, skipped_steps=self.skipped
-        )  # the global mean, the same on every rank
-        return loss, skipped, stop
-
-    @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean validation loss per token over all ranks' batches."""
-        self.engine.eval()
-        loss_sum, count = 0.0, 0
-        for b in self.val_batches:
-            loss = self.engine(b.inputs.to(self.device), b.targets.to(self.device))
-            n = int((b.targets != IGNORE_INDEX).sum())
-            if n:
-                loss_sum, count = loss_sum + float(loss) * n, count + n
-        self.engine.train()
-        loss_sum, count = all_reduce_sum([loss_sum, count])
-        return loss_sum / max(count, 1)
-
-    def save(self) -> None:
-        state = {
-            "consumed_samples": self.loader.consumed_samples,
-            **self.metrics.state(),
-            "skipped_steps": self.skipped,
-            "config": asdict(self.cfg),
-            "layout": {
-                "dp_size": self.dp_size,
-                "tp_size": self.cfg.parallel.tensor,
-                "zero_stage": self.cfg.parallel.zero_stage,
-            },
-        }
-        folder = checkpoint.save(
-            self.engine,
-            self.ckpt_dir,
-            self.step,
-            state,
-            keep=self.cfg.run.keep,
-            keep_every=self.cfg.run.keep_every,
-        )
-        self.logger.event({"event": "checkpoint", "step": self.step, "path": str(folder)})
+        skipped = bool(sums["nonfinite"]) or engine.skipped_steps > skipped_before
+        loss = sums["loss"] / (len(batches) * self.world)
+        metrics.end_step(loss, skipped_steps=self.guard.skipped_steps + skipped)
+        return loss, skipped, self.stop.agree(sums)
 
     def roll_back(self) -> bool:
-        """Reload the last checkpoint's weights and optimizer, but keep reading from the current data position."""
-        found = checkpoint.find_resumable(self.ckpt_dir, log=self.logger.event)
+        """Reload the last checkpoint's weights and optimizer, but keep reading from the current
+        data position (the data since the checkpoint is the usual culprit)."""
+        found = find_resumable(self.cfg.run_dir / "checkpoints", log=self.logger.event)
         if not found:
-            self.logger.event(
-                {"event": "rollback_impossible", "step": self.step, "reason": "no checkpoint yet"}
-            )
+            reason = "no checkpoint yet"
+            self.logger.event({"event": "rollback_impossible", "step": self.step, "reason": reason})
             return False
-        tag, meta = found
-        checkpoint.load(self.engine, self.ckpt_dir, tag)
-        skipped_from = meta["consumed_samples"]
-        self.loader.close()
-        self.loader = self._loader(self.consumed_now)
+        tag, manifest = found
+        self.checkpointer.restore(tag, manifest, parts=False)
         self.logger.event(
             {
                 "event": "rollback",
                 "from_step": self.step,
-                "to_step": meta["step"],
+                "to_step": manifest["step"],
                 "tag": tag,
-                "skipped_samples": [skipped_from, self.consumed_now],
+                "skipped_samples": [manifest["consumed_samples"], self.loader.consumed_samples],
             }
         )
-        self.step = meta["step"]
+        self.step = manifest["step"]
         return True
-
-    @property
-    def consumed_now(self) -> int:
-        return self.loader.consumed_samples
 
     # ------------------------------------------------------------------------- the loop
 
     def run(self) -> dict:
-        cfg, layout = self.cfg, self.layout
+        self._announce()
+        record: dict = {}
+        stopped, error = False, None
+        self._hook("on_start")
+        try:
+            while self.step < self.plan.max_steps and not stopped:
+                loss, skipped, stopped = self.train_step()
+                self.step += 1
+                self._hook("on_step_end", loss, skipped)
+                if self._guard(loss, skipped) and not stopped:
+                    continue  # rolled back: go on from the checkpoint's step
+                last = self.step == self.plan.max_steps
+                record = self._log_and_evaluate(last) or record
+                stopped = stopped or self.step == self.cfg.run.stop_at_step
+                if self.checkpointer.due(self.step, last or stopped):
+                    self._save()
+                if stopped:
+                    reason = self.stop.signal or "run.stop_at_step"
+                    self.logger.event({"event": "stopped", "reason": reason, "step": self.step})
+        except BaseException as e:
+            error = e
+            message = {"type": type(e).__name__, "message": str(e), "step": self.step}
+            self.logger.event({"event": "error", **message})
+            raise
+        finally:
+            self.loader.close()
+            self._hook("on_close", error)
+            self.logger.close()
+        return {
+            "run_dir": str(self.cfg.run_dir),
+            "steps": self.step,
+            "interrupted": self.step < self.plan.max_steps,
+            "stop_signal": self.stop.signal,
+            **record,
+        }
+
+    def _hook(self, name: str, *args) -> None:
+        for callback in self.callbacks:
+            getattr(callback, name)(self, *args)
+
+    def _guard(self, loss: float, skipped: bool) -> bool:
+        """Let the guard judge the step; True if it asked for a rollback and got one."""
+        verdict = self.guard.check(loss, skipped)
+        if verdict:
+            kind = "skipped_step" if verdict == "nonfinite" else "loss_spike"
+            streak = self.guard.bad_streak
+            self.logger.event(
+                {"event": kind, "step": self.step, "loss": loss, "bad_streak": streak}
+            )
+        if self.guard.should_roll_back and self.roll_back():
+            self.guard.rolled_back()
+            return True
+        return False
+
+    def _log_and_evaluate(self, last: bool) -> dict | None:
+        """A metrics record every `run.log_every` steps, and at each evaluation, which has its own
+        cadence (its result goes into the record of its step)."""
+        evaluate = self.evaluator.due(self.step, last)
+        if not (evaluate or last or self.step % self.cfg.run.log_every == 0):
+            return None
+        record = self.metrics.collect(
+            self.step,
+            tokens=self.loader.consumed_samples * self.plan.layout.seq_len,
+            lr=lr_at(self.step - 1, self.cfg.optim, self.plan.max_steps),
+            grad_norm=float(self.engine.get_global_grad_norm() or 0.0),
+            rollbacks=self.guard.rollbacks,
+            param_mem_gb=max(self.param_gb_per_rank),
+        )
+        if evaluate:
+            record.update(self.evaluator.evaluate())
+        self.logger.log(record)
+        self._hook("on_log", record)
+        return record
+
+    def _save(self) -> None:
+        path = self.checkpointer.save(self.step)
+        self.logger.event({"event": "checkpoint", "step": self.step, "path": str(path)})
+        self._hook("on_checkpoint", path)
+
+    def _announce(self) -> None:
+        cfg, plan, layout = self.cfg, self.plan, self.plan.layout
         if self.rank == 0:
-            n = count_params(cfg.model, cfg.data.seq_len)
             print(
-                f"megatrain: {n['params'] / 1e6:.2f}M parameters, {self.world} processes (dp {self.dp_size} x "
-                f"tp {cfg.parallel.tensor}), ZeRO-{cfg.parallel.zero_stage}, {cfg.precision}, global batch "
-                f"{layout.global_batch} x {layout.seq_len} tokens, {self.max_steps} steps; {self.meter.reason}",
+                f"megatrain: {plan.params / 1e6:.2f}M parameters, {self.world} processes "
+                f"(dp {plan.dp_size} x tp {plan.tp_size}), ZeRO-{cfg.parallel.zero_stage}, "
+                f"{cfg.precision}, global batch {layout.global_batch} x {layout.seq_len} tokens, "
+                f"{plan.max_steps} steps; {self.meter.reason}",
                 flush=True,
             )
-            print(
-                "megatrain: parameter memory per rank (GB): "
-                + " ".join(f"{gb:.3f}" for gb in self.param_gb_per_rank),
-                flush=True,
-            )
+            per_rank = " ".join(f"{gb:.3f}" for gb in self.param_gb_per_rank)
+            print(f"megatrain: parameter memory per rank (GB): {per_rank}", flush=True)
         self.logger.run_start(
             {
                 "config": asdict(cfg),
@@ -384,71 +370,13 @@ class Trainer:
                 "peak_source": self.peak_source,
                 "energy_method": self.meter.method,
                 "energy_reason": self.meter.reason,
-                "skipped_steps": self.skipped,
+                "skipped_steps": self.guard.skipped_steps,
             }
         )
         self.logger.event({"event": "parameter_memory", "gb_per_rank": self.param_gb_per_rank})
-        record: dict = {}
-        stopped = False
-        while self.step < self.max_steps and not stopped:
-            lr = lr_at(self.step, cfg.optim, self.max_steps)
-            for group in self.engine.optimizer.param_groups:
-                group["lr"] = lr
-            loss, skipped, stopped = self.train_step()
-            self.step += 1
-
-            verdict = self.guard.check(loss, skipped)
-            if verdict:
-                self.logger.event(
-                    {
-                        "event": "skipped_step" if verdict == "nonfinite" else "loss_spike",
-                        "step": self.step,
-                        "loss": loss,
-                        "bad_streak": self.guard.bad_streak,
-                    }
-                )
-            if self.guard.should_roll_back and self.roll_back():
-                self.guard.rolled_back()
-                if not stopped:
-                    continue
-
-            last = self.step == self.max_steps
-            if self.step % cfg.run.log_every == 0 or last:
-                record = self.metrics.collect(
-                    self.step,
-                    tokens=self.consumed_now * layout.seq_len,
-                    lr=lr,
-                    grad_norm=float(self.engine.get_global_grad_norm() or 0.0),
-                    rollbacks=self.guard.rollbacks,
-                    param_mem_gb=max(self.param_gb_per_rank),
-                )
-                if cfg.run.eval_every and self.step % cfg.run.eval_every == 0 or last:
-                    record["val_loss"] = self.evaluate()
-                    record["val_ppl"] = math.exp(min(record["val_loss"], 50))
-                self.logger.log(record)
-
-            stopped = stopped or self.step == cfg.run.stop_at_step
-            if last or stopped or (cfg.run.ckpt_every and self.step % cfg.run.ckpt_every == 0):
-                self.save()
-            if stopped:
-                self.logger.event(
-                    {
-                        "event": "stopped",
-                        "reason": self.stop.signal or "run.stop_at_step",
-                        "step": self.step,
-                    }
-                )
-
-        self.loader.close()
-        self.logger.close()
-        return {
-            "run_dir": str(self.run_dir),
-            "steps": self.step,
-            "interrupted": self.step < self.max_steps,
-            "stop_signal": self.stop.signal,
-            **record,
-        }
 
 
-def train(cfg: Config) -> dict:
-    return Trainer(cfg).run()
+def train(cfg: Config, callbacks: Sequence[Callback] = ()) -> dict:
+    """Train `cfg` on this rank (every rank calls it); faults asked for by the environment (tests)
+    are injected."""
+    return Trainer(cfg, [*callbacks, *faults.from_environ()]).run()

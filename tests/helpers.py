@@ -70,6 +70,17 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def losses(run_dir: Path) -> dict[int, float]:
+    """Training loss by step, from a run's metrics.jsonl (a resumed step: its later record)."""
+    return {r["step"]: r["loss"] for r in read_jsonl(Path(run_dir) / "metrics.jsonl")}
+
+
+def events(run_dir: Path, *names: str) -> list[dict]:
+    """A run's events.jsonl records, oldest first; only those of the given kinds if any."""
+    records = read_jsonl(Path(run_dir) / "events.jsonl")
+    return [e for e in records if not names or e["event"] in names]
+
+
 # ----------------------------------------------------------------------------- prep test corpus
 
 SPAM = {

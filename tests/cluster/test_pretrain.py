@@ -12,14 +12,14 @@ from tests.cluster.training import (
     NO_WARNING,
     SCRIPT,
     STEPS,
-    events,
     incarnations,
     job_env,
     job_text,
-    losses,
+    lifecycle_events,
     overrides,
     wait_for_step,
 )
+from tests.helpers import losses
 
 
 @pytest.mark.timeout(400)
@@ -35,7 +35,7 @@ def test_one_node_two_tasks(slurm_cluster, reference_run):
         and "srun exited with status 0" in text
     )
     assert "2 processes (dp 2 x tp 1)" in text
-    ev = events(run)
+    ev = lifecycle_events(run)
     assert [e["event"] for e in ev] == ["checkpoint", "wandb_offline"], ev
     assert ev[1]["runs"] == 1 and ev[1]["sync"].startswith("wandb sync ")
     assert list(run.glob("wandb/offline-run-*/run-*.wandb")), "no offline W&B run"
@@ -84,7 +84,7 @@ def test_warning_signal_checkpoints_requeues_and_resumes_exactly(
     assert state == "COMPLETED", text
     print(f"signal -> requeue -> resume -> done: {time.monotonic() - t0:.0f} s")
 
-    ev = events(run)
+    ev = lifecycle_events(run)
     names = [e["event"] for e in ev]
     assert names == [
         "checkpoint",
@@ -137,7 +137,7 @@ def test_time_limit_warning_from_slurm_requeues_until_the_cap(
     text = job_text(slurm_cluster, job)
     assert state == "COMPLETED", text
     print(f"two 1-minute jobs: {time.monotonic() - t0:.0f} s")
-    ev = [e for e in events(run) if e["event"] != "wandb_offline"]
+    ev = [e for e in lifecycle_events(run) if e["event"] != "wandb_offline"]
     assert [e["event"] for e in ev] == [
         "checkpoint",
         "stopped",

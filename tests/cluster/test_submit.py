@@ -1,4 +1,4 @@
-"""`megatrain.launch.submit` through submitit on the local Slurm cluster: a run that is warned
+"""`megatrain.submit.submit` through submitit on the local Slurm cluster: a run that is warned
 (submitit's USR2), checkpoints, requeues and ends with the uninterrupted run's losses; and a
 job's error surfacing to the caller."""
 
@@ -10,8 +10,9 @@ import time
 import pytest
 import submitit
 
-from megatrain import launch
-from tests.cluster.training import CONFIG, STEPS, events, losses, overrides, wait_for_step
+from megatrain import submit
+from tests.cluster.training import CONFIG, STEPS, lifecycle_events, overrides, wait_for_step
+from tests.helpers import losses
 
 
 @pytest.mark.timeout(300)
@@ -20,7 +21,7 @@ def test_submitit_job_requeues_and_results_reach_the_caller(
 ):
     run = tmp_path / "run"
     t0 = time.monotonic()
-    job = launch.submit(
+    job = submit.submit(
         CONFIG,
         overrides(tiny_dataset, run),
         cluster="local",
@@ -44,7 +45,7 @@ def test_submitit_job_requeues_and_results_reach_the_caller(
         s["steps"] == STEPS and not s["interrupted"] for s in summaries
     ), summaries
     assert summaries[0]["loss"] == summaries[1]["loss"] == losses(run)[STEPS]
-    names = [e["event"] for e in events(run)]
+    names = [e["event"] for e in lifecycle_events(run)]
     assert names == [
         "checkpoint",
         "stopped",
@@ -53,7 +54,7 @@ def test_submitit_job_requeues_and_results_reach_the_caller(
         "resumed",
         "checkpoint",
         "wandb_offline",
-    ], events(run)
+    ], lifecycle_events(run)
     assert slurm_cluster.job_info(job.job_id).get("Restarts") == "1"
     assert losses(run) == losses(reference_run[1])
 
@@ -61,7 +62,7 @@ def test_submitit_job_requeues_and_results_reach_the_caller(
 @pytest.mark.timeout(200)
 def test_submitit_job_error_surfaces_to_the_caller(slurm_cluster, tiny_dataset, tmp_path):
     # Valid on the login node, wrong once the job reads the data: the tokenizer has 512 ids.
-    job = launch.submit(
+    job = submit.submit(
         CONFIG,
         overrides(tiny_dataset, tmp_path / "run", "model.vocab_size=100"),
         cluster="local",

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, read_jsonl
+from tests.helpers import REPO, events, losses
 
 SCRIPT = REPO / "slurm" / "pretrain.sh"
 CONFIG = REPO / "configs" / "tiny.yaml"
@@ -56,16 +56,12 @@ def job_text(cluster, job: str) -> str:
     )
 
 
-def losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl")}
-
-
 BOOKKEEPING = {"run_start", "parameter_memory"}  # written by every job at start; not lifecycle
 
 
-def events(run_dir: Path) -> list[dict]:
+def lifecycle_events(run_dir: Path) -> list[dict]:
     """The run's lifecycle events (checkpoints, stops, requeues, resumes, W&B notes), oldest first."""
-    return [e for e in read_jsonl(run_dir / "events.jsonl") if e["event"] not in BOOKKEEPING]
+    return [e for e in events(run_dir) if e["event"] not in BOOKKEEPING]
 
 
 def incarnations(job: str) -> list[str]:

@@ -4,7 +4,7 @@ between layouts, and uneven splits are refused by name."""
 import pytest
 
 from megatrain.config import ConfigError, load_config
-from megatrain.parallel import validate_tensor_parallel
+from megatrain.plan import validate_tensor_parallel
 from tests.distributed.test_trainer import base, events, losses
 from tests.helpers import REPO, read_jsonl, run_train
 

@@ -3,10 +3,13 @@ resume on another number of processes continues the same run, bad steps are skip
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 
-from tests.helpers import REPO, read_jsonl, run_train
+from tests.helpers import REPO, events, losses, read_jsonl, run_train
 
 TINY = REPO / "configs" / "tiny.yaml"
 pytestmark = pytest.mark.slow
@@ -30,14 +33,6 @@ def base(dataset, run_dir, **extra):
         **extra,
     }
     return [f"{k}={v}" for k, v in overrides.items()]
-
-
-def losses(run_dir) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl")}
-
-
-def events(run_dir, name) -> list[dict]:
-    return [e for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == name]
 
 
 @pytest.fixture(scope="module")
@@ -141,3 +136,47 @@ def test_corrupt_checkpoint_is_refused_and_the_previous_one_used(tiny_dataset, t
         (run_dir / "checkpoints" / "step00000012" / "megatrain-checkpoint.json").read_text()
     )
     assert manifest["step"] == 12
+
+
+def test_evaluation_runs_on_its_own_cadence(tiny_dataset, tmp_path):
+    """eval_every=10 with log_every=7: validation at 10, 20, 30, each in the record of its step
+    (it used to run only where both cadences met, every 70 steps)."""
+    run_dir = tmp_path / "cadence"
+    args = base(tiny_dataset, run_dir, **{"run.max_steps": 30, "run.log_every": 7})
+    run_train(TINY, args + ["run.eval_every=10"], nproc=1)
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in records if "val_loss" in r] == [10, 20, 30]
+    assert [r["step"] for r in records] == [7, 10, 14, 20, 21, 28, 30]
+    assert all("loss" in r and "tokens_per_s" in r for r in records)
+
+
+def test_spike_detection_right_after_a_resume_is_as_without_it(tiny_dataset, tmp_path):
+    """The guard's loss history is in the checkpoint: a spike two steps after a resume is seen,
+    as in the uninterrupted run (a fresh history needs 20 steps before it judges)."""
+    spike = {"MEGATRAIN_INJECT_SPIKE_AT_STEPS": "26"}
+    extra = {"run.max_steps": 30, "guard.spike_window": 20, "run.ckpt_every": 12}
+    full, part = tmp_path / "full", tmp_path / "part"
+    run_train(TINY, base(tiny_dataset, full, **extra), nproc=1, env=spike)
+    run_train(TINY, base(tiny_dataset, part, **extra) + ["run.stop_at_step=24"], nproc=1, env=spike)
+    run_train(TINY, base(tiny_dataset, part, **extra), nproc=1, env=spike)
+    assert [e["step"] for e in events(full, "loss_spike")] == [26]
+    assert [e["step"] for e in events(part, "loss_spike")] == [26]
+    assert events(part, "resumed")[0]["step"] == 24
+    assert losses(part) == losses(full)
+
+
+def test_a_failing_run_records_the_error_and_exits_as_a_user_error(tiny_dataset, tmp_path):
+    """Two bad steps in a row roll back; with guard.max_rollbacks=0 that stops the run: an
+    `error` event names the step and the reason, the command prints one line and exits 2."""
+    run_dir = tmp_path / "diverged"
+    args = base(tiny_dataset, run_dir, **{"run.ckpt_every": 2, "guard.max_bad_steps": 2})
+    cmd = [sys.executable, "-m", "megatrain.cli", "train", str(TINY), *args]
+    env = {**os.environ, "MEGATRAIN_INJECT_NAN_AT_STEPS": "3,4"}
+    out = subprocess.run(
+        cmd + ["guard.max_rollbacks=0"], capture_output=True, text=True, cwd=REPO, env=env
+    )
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr and "guard.max_rollbacks" in out.stderr
+    (error,) = events(run_dir, "error")
+    assert error["type"] == "TooManyRollbacks" and error["step"] == 2
+    assert "lower the learning rate" in error["message"]

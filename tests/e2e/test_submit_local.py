@@ -1,9 +1,9 @@
-"""`megatrain.launch.submit` without Slurm: submitit's local executor runs the tasks on this machine."""
+"""`megatrain.submit.submit` without Slurm: submitit's local executor runs the tasks on this machine."""
 
 import pytest
 import submitit
 
-from megatrain import launch
+from megatrain import submit
 from tests.helpers import REPO, read_jsonl
 
 
@@ -11,7 +11,7 @@ from tests.helpers import REPO, read_jsonl
 @pytest.mark.timeout(300)
 def test_local_executor_trains_on_two_processes_and_returns_summaries(tiny_dataset, tmp_path):
     run = tmp_path / "run"
-    job = launch.submit(
+    job = submit.submit(
         REPO / "configs" / "tiny.yaml",
         [
             f"data.sources.0.path={tiny_dataset}",

@@ -6,13 +6,9 @@ import sys
 
 import pytest
 
-from tests.helpers import REPO, read_jsonl, run_train
+from tests.helpers import REPO, losses, read_jsonl, run_train
 
 TINY = REPO / "configs" / "tiny.yaml"
-
-
-def losses(run_dir):
-    return {r["step"]: r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl")}
 
 
 @pytest.mark.slow

@@ -11,8 +11,8 @@ from megatrain.config import (
     field_docs,
     load_cluster,
     load_config,
-    resolve_batch,
 )
+from megatrain.plan import resolve_batch
 from tests.helpers import REPO
 
 TINY = REPO / "configs" / "tiny.yaml"
@@ -59,6 +59,13 @@ def test_cross_field_checks_name_the_key():
         ConfigError, match="'parallel.offload_params' needs 'parallel.zero_stage: 3'"
     ):
         load_config(TINY, ["parallel.offload_params=cpu"])
+    # ZeRO-Offload moves ZeRO's optimizer partitions: without ZeRO there are none (and the
+    # trainer's non-finite skip would have no optimizer to tell)
+    with pytest.raises(
+        ConfigError, match="'parallel.offload_optimizer' needs 'parallel.zero_stage'"
+    ):
+        load_config(TINY, ["parallel.offload_optimizer=cpu", "parallel.zero_stage=0"])
+    load_config(TINY, ["parallel.offload_optimizer=cpu", "parallel.zero_stage=1"])
     with pytest.raises(ConfigError, match="no models preset 'tiyn'.*did you mean 'tiny'"):
         load_config(TINY, ["model.preset=tiyn"])
 

@@ -1,7 +1,6 @@
 import numpy as np
 import pytest
 
-from megatrain.config import BatchLayout
 from megatrain.data import (
     IGNORE_INDEX,
     DataLoader,
@@ -10,6 +9,7 @@ from megatrain.data import (
     Permutation,
     validation_batches,
 )
+from megatrain.plan import BatchLayout
 from megatrain.shards import Dataset
 from tests.unit.test_shards import make_dataset
 

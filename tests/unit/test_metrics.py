@@ -80,13 +80,14 @@ def test_evaluation_time_is_outside_step_time_but_inside_gpu_hours():
 
 def test_resumed_run_continues_energy_and_gpu_hours():
     clock = FakeClock(0.0)
-    m = make(clock, first_step=5, resumed={"energy_j": 3.6e6, "device_s": 3600.0})
+    m = make(clock, first_step=5)
+    m.load_state_dict({"energy_j": 3.6e6, "device_s": 3600.0, "consumed_samples": 80})
     step(m, clock, 0.0, 1.0, 1.0, 1.0)
     r = m.collect(6)
     assert r["energy_kwh_it"] == pytest.approx(1 + 200 / 3.6e6)
     assert r["gpu_hours"] == pytest.approx(1 + 2 / 3600)
     assert r["eta_s"] == pytest.approx(2.0 * 4)  # only this job's steps set the pace
-    state = m.state()
+    state = m.state_dict()
     assert state == {"energy_j": pytest.approx(3.6e6 + 200), "device_s": pytest.approx(3602.0)}
 
 

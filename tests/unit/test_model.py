@@ -1,8 +1,11 @@
+import re
+
 import pytest
 import torch
 
 from megatrain.config import ModelConfig
-from megatrain.model import Transformer, count_params, flops_per_token
+from megatrain.model import TENSOR_PARALLEL_PLAN, Transformer, count_params, flops_per_token
+from megatrain.parallel import tensor_parallel_config
 
 GPT2_124M = ModelConfig(
     vocab_size=50257,
@@ -63,3 +66,33 @@ def test_attention_is_causal():
     b[0, 5:] = (b[0, 5:] + 1) % 50
     assert torch.allclose(model(a)[0, :5], model(b)[0, :5], atol=1e-6)
     assert not torch.allclose(model(a)[0, 5:], model(b)[0, 5:])
+
+
+@pytest.mark.parametrize("mlp", ["swiglu", "gelu"])
+def test_the_tensor_parallel_plan_covers_every_linear_layer_of_a_block(mlp):
+    cfg = ModelConfig(vocab_size=64, n_layer=2, n_head=4, d_model=32, mlp=mlp, bias=True)
+    model = Transformer(cfg, 16)
+    linears = {n for n, m in model.blocks[0].named_modules() if isinstance(m, torch.nn.Linear)}
+    assert linears and linears <= set(TENSOR_PARALLEL_PLAN)
+    assert set(TENSOR_PARALLEL_PLAN.values()) == {"column", "row"}
+    # the AutoTP rules DeepSpeed gets split exactly those weights, each one way
+    rules = tensor_parallel_config(2)["partition_config"]["layer_specs"]
+    split = {}
+    for name, _ in model.named_parameters():
+        kinds = [r["partition_type"] for r in rules for p in r["patterns"] if re.match(p, name)]
+        if kinds:
+            split[name] = kinds
+    expected = {
+        f"blocks.{i}.{n}.weight": [TENSOR_PARALLEL_PLAN[n]] for i in range(2) for n in linears
+    }
+    assert split == expected
+
+
+def test_residual_branch_outputs_get_the_scaled_init():
+    cfg = ModelConfig(vocab_size=64, n_layer=8, n_head=4, d_model=256, init_std=0.02)
+    model = Transformer(cfg, 16)
+    scaled = 0.02 / (2 * 8) ** 0.5
+    for name, p in model.named_parameters():
+        if p.dim() == 2 and name.startswith("blocks."):
+            row = TENSOR_PARALLEL_PLAN[name.split(".", 2)[2].removesuffix(".weight")] == "row"
+            assert p.std().item() == pytest.approx(scaled if row else 0.02, rel=0.1), name

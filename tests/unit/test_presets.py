@@ -5,8 +5,9 @@ import re
 import pytest
 
 from megatrain.cli import dry_run
-from megatrain.config import load_config, resolve_batch
+from megatrain.config import load_config
 from megatrain.parallel import deepspeed_config
+from megatrain.plan import resolve_batch
 from tests.helpers import REPO
 
 RUNS = sorted((REPO / "configs" / "runs").glob("*.yaml"))
@@ -17,9 +18,8 @@ def test_presets_have_the_size_their_name_says(path):
     info = dry_run(load_config(path), world_size=8)
     size = re.search(r"(\d+(?:\.\d+)?)([mb])$", path.stem)
     expected = float(size.group(1)) * (1e6 if size.group(2) == "m" else 1e9)
-    assert (
-        abs(info["params"] - expected) / expected < 0.04
-    )  # LLaMA "7B" has 6.74B, f"{path.stem}: {info['params']:,} parameters"
+    # LLaMA "7B" has 6.74B
+    assert abs(info["params"] - expected) / expected < 0.04, f"{path.stem}: {info['params']:,}"
     assert info["tokens_per_step"] == load_config(path).batch.global_tokens
     assert info["flops_per_token"] > 6 * info["non_embedding_params"]
 
