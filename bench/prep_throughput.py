@@ -1,4 +1,5 @@
-"""Tokenize-and-write throughput per core: megatrain vs plain HF `tokenizers` vs datatrove, same text, same run.
+"""Tokenize-and-write throughput per core: megatrain vs plain HF `tokenizers` vs datatrove, same
+text, same run.
 
     .venv/bin/python bench/prep_throughput.py [--mb 20] [--repeats 3] [--out bench-prep.json]
 

@@ -172,8 +172,8 @@ class FileComm:
                 )
             if now - last_note > 300:
                 self.log(
-                    f"rank {self.rank}: waiting for {len(missing)} rank(s) at {what} (e.g. {missing[0]}); "
-                    "all ranks of a prep must run at the same time"
+                    f"rank {self.rank}: waiting for {len(missing)} rank(s) at {what} "
+                    f"(e.g. {missing[0]}); all ranks of a prep must run at the same time"
                 )
                 last_note = now
             time.sleep(delay)

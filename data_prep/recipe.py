@@ -36,7 +36,8 @@ class ReadConfig:
     text_field: str = "text"
     """JSON field / parquet column that holds the text."""
     txt_split: str = "file"
-    """Plain-text files: `file` (one document per file) or `paragraph` (blocks between blank lines)."""
+    """Plain-text files: `file` (one document per file) or `paragraph` (blocks between blank
+    lines)."""
     max_doc_chars: int = 10_000_000
     """A longer document is rejected (counted with its file:line), never held whole in memory."""
     unit_mb: float = 256
@@ -50,7 +51,8 @@ class NearDedupConfig:
     shingle_size: int = 5
     """Words per shingle."""
     bands: int = 14
-    """LSH bands; with `rows`, the threshold is about (1/bands)^(1/rows) Jaccard (0.72 by default)."""
+    """LSH bands; with `rows`, the threshold is about (1/bands)^(1/rows) Jaccard (0.72 by
+    default)."""
     rows: int = 8
     """Hashes per band; the number of permutations is bands * rows."""
     num_perm: int = 0
@@ -62,7 +64,8 @@ class NearDedupConfig:
 @dataclass
 class DedupConfig:
     exact: bool = True
-    """Remove documents whose normalized text is identical to an earlier one, across the whole dataset."""
+    """Remove documents whose normalized text is identical to an earlier one, across the whole
+    dataset."""
     near: NearDedupConfig = field(default_factory=NearDedupConfig)
 
 
@@ -73,7 +76,8 @@ class TokenizerConfig:
     path: str | None = None
     """An existing tokenizer.json to use instead of training one."""
     special_tokens: list[str] = field(default_factory=lambda: [EOS])
-    """Special tokens of a trained tokenizer; <|endoftext|> (id 0) always comes first and ends every document."""
+    """Special tokens of a trained tokenizer; <|endoftext|> (id 0) always comes first and ends
+    every document."""
     sample_chars: int = 200_000_000
     """Characters of text (a seeded sample of the kept documents) to train the BPE on."""
     min_frequency: int = 2
@@ -100,7 +104,8 @@ class Recipe:
     normalize: bool = True
     """Unicode NFC, control characters, whitespace (data_prep.filters.normalize)."""
     filters: list[dict] = field(default_factory=list)
-    """Filters in order (cheap ones first): {name: length|quality|repetition|language, ...thresholds}."""
+    """Filters in order (cheap ones first): {name: length|quality|repetition|language,
+    ...thresholds}."""
     dedup: DedupConfig = field(default_factory=DedupConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -137,7 +142,8 @@ def parse_recipe(raw: dict | None, where: str = "recipe") -> Recipe:
     if near.num_perm:
         if near.num_perm % near.bands:
             raise RecipeError(
-                f"{where}: dedup.near.num_perm {near.num_perm} is not a multiple of bands {near.bands}"
+                f"{where}: dedup.near.num_perm {near.num_perm} is not a multiple of bands "
+                f"{near.bands}"
             )
         near.rows = near.num_perm // near.bands
     if recipe.read.txt_split not in ("file", "paragraph"):

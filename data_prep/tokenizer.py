@@ -68,7 +68,8 @@ def load_tokenizer(path: str | Path):
 
 
 def _byte_decoder() -> dict[str, int]:
-    """GPT-2's byte-to-unicode table, inverted: the printable character that stands for each byte."""
+    """GPT-2's byte-to-unicode table, inverted: the printable character that stands for each
+    byte."""
     printable = (
         list(range(ord("!"), ord("~") + 1))
         + list(range(ord("¡"), ord("¬") + 1))
@@ -84,7 +85,8 @@ def _byte_decoder() -> dict[str, int]:
 
 
 def to_tiktoken(tok):
-    """The same byte-level BPE as a tiktoken Encoding (ranks = HF ids, special tokens kept apart)."""
+    """The same byte-level BPE as a tiktoken Encoding (ranks = HF ids, special tokens kept
+    apart)."""
     import tiktoken
 
     spec = json.loads(tok.to_str())

@@ -1,4 +1,5 @@
-"""Shared fixtures; every process the tests start gets offline W&B, one thread, a cached DeepSpeed op."""
+"""Shared fixtures; every process the tests start gets offline W&B, one thread, a cached
+DeepSpeed op."""
 
 from __future__ import annotations
 

@@ -77,23 +77,25 @@ SPAM = {
     "symbols": " ".join(["#tag #win #free #now ###"] * 40),
     "repeated": "\n".join(
         [
-            "The best way to learn about the history of the town is to read the old letters and the "
-            "records that the merchants have kept with care."
+            "The best way to learn about the history of the town is to read the old letters and "
+            "the records that the merchants have kept with care."
         ]
         * 30
     ),
     "german": (
-        "Der Fluss, der durch die Altstadt fließt, war mehr als tausend Jahre lang eine Quelle für Wasser, "
-        "Nahrung und Handel. Im Frühling, wenn in den Bergen der Schnee schmilzt, steigt das Wasser schnell "
-        "an, und die Bauern, die an seinen Ufern leben, treiben ihre Tiere auf höher gelegene Weiden. "
-        "Historiker haben im Archiv des Rathauses Berichte über große Überschwemmungen gefunden, dazu Briefe "
-        "von Kaufleuten, die sich beklagten, dass die Schiffe den Hafen wochenlang nicht erreichen konnten."
+        "Der Fluss, der durch die Altstadt fließt, war mehr als tausend Jahre lang eine Quelle "
+        "für Wasser, Nahrung und Handel. Im Frühling, wenn in den Bergen der Schnee schmilzt, "
+        "steigt das Wasser schnell an, und die Bauern, die an seinen Ufern leben, treiben ihre "
+        "Tiere auf höher gelegene Weiden. Historiker haben im Archiv des Rathauses Berichte über "
+        "große Überschwemmungen gefunden, dazu Briefe von Kaufleuten, die sich beklagten, dass "
+        "die Schiffe den Hafen wochenlang nicht erreichen konnten."
     ),
 }
 
 
 def _edit(text: str, every: int = 40) -> str:
-    """The same text with one word in `every` replaced: a near duplicate (Jaccard of 5-shingles ~0.85)."""
+    """The same text with one word in `every` replaced: a near duplicate (Jaccard of 5-shingles
+    ~0.85)."""
     words = text.split(" ")
     return " ".join("modified" if i % every == 7 else w for i, w in enumerate(words))
 

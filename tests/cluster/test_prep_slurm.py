@@ -54,7 +54,8 @@ def test_prep_sh_runs_mpi_ranks_on_two_nodes(slurm_cluster, corpus, tmp_path):
         if state == "COMPLETED" or PMI2_GARBLED not in log or attempt == 3:
             break
         warnings.warn(
-            f"job {job}: Slurm's pmi2 plugin garbled a PMI message; rerunning it (the rerun resumes)",
+            f"job {job}: Slurm's pmi2 plugin garbled a PMI message; rerunning it "
+            "(the rerun resumes)",
             stacklevel=1,
         )
     assert state == "COMPLETED", log

@@ -98,7 +98,8 @@ def test_kill_9_then_rerun_gives_the_same_bytes(planted, tmp_path, point):
     killed = run(
         prep_cmd(planted, out, "--workers", "2"), env={"MEGATRAIN_PREP_KILL_AT": point}, check=False
     )
-    # whichever process passes the point first dies: rank 0 (-9), or a worker, which rank 0 reports (2)
+    # whichever process passes the point first dies: rank 0 (-9), or a worker, which rank 0
+    # reports (2)
     assert killed.returncode in (-signal.SIGKILL, 2), killed.stderr
     with pytest.raises(ShardError):  # nothing a trainer could take for a whole dataset
         Dataset(out)
