@@ -31,11 +31,12 @@ from data_prep.recipe import Recipe, load_recipe
 from data_prep.report import build_report, format_table, save_report, write_rejects
 from data_prep.tokenizer import EOS, FastEncoder, load_tokenizer, train_bpe
 from data_prep.workdir import WorkDir, commit, crash_point, read_json, write_json
+from megatrain.errors import MegatrainError
 from megatrain.files import sha256_file, temp_path
 from megatrain.shards import MANIFEST_FILE, Manifest, ShardInfo, token_dtype
 
 
-class PrepError(Exception):
+class PrepError(MegatrainError):
     """The job cannot produce a dataset (no documents, output in use); the message says what to do."""
 
 

@@ -25,6 +25,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from megatrain.errors import MegatrainError
+
 SUPPORTED = (".jsonl", ".json", ".txt", ".parquet")
 COMPRESSED = (".gz", ".zst")
 FILE_PROBLEMS = (
@@ -37,7 +39,7 @@ FILE_PROBLEMS = (
 RejectCallback = Callable[[str, str], None]
 
 
-class InputError(Exception):
+class InputError(MegatrainError):
     """The inputs cannot be read at all (nothing found, directory unreadable); names the path."""
 
 

@@ -20,15 +20,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from data_prep.filters import FILTERS, build_filter
 from data_prep.tokenizer import EOS
-from megatrain.schema import ConfigError, from_dict
-
-
-class RecipeError(Exception):
-    """The recipe cannot be used; the message names the file and key."""
+from megatrain.schema import ConfigError, from_dict, read_yaml
 
 
 @dataclass
@@ -130,24 +124,24 @@ def parse_recipe(raw: dict | None, where: str = "recipe") -> Recipe:
     try:
         recipe = from_dict(Recipe, raw)
     except ConfigError as e:
-        raise RecipeError(f"{where}: {e}") from None
+        raise ConfigError(f"{where}: {e}") from None
     for i, spec in enumerate(recipe.filters):
         if not isinstance(spec, dict) or "name" not in spec:
-            raise RecipeError(f"{where}: filters[{i}] needs a 'name' (one of {', '.join(FILTERS)})")
+            raise ConfigError(f"{where}: filters[{i}] needs a 'name' (one of {', '.join(FILTERS)})")
         try:
             build_filter(spec)
         except (TypeError, ValueError) as e:
-            raise RecipeError(f"{where}: filters[{i}] ({spec['name']}): {e}") from None
+            raise ConfigError(f"{where}: filters[{i}] ({spec['name']}): {e}") from None
     near = recipe.dedup.near
     if near.num_perm:
         if near.num_perm % near.bands:
-            raise RecipeError(
+            raise ConfigError(
                 f"{where}: dedup.near.num_perm {near.num_perm} is not a multiple of bands "
                 f"{near.bands}"
             )
         near.rows = near.num_perm // near.bands
     if recipe.read.txt_split not in ("file", "paragraph"):
-        raise RecipeError(
+        raise ConfigError(
             f"{where}: read.txt_split must be 'file' or 'paragraph', not {recipe.read.txt_split!r}"
         )
     if EOS not in recipe.tokenizer.special_tokens:
@@ -158,7 +152,7 @@ def parse_recipe(raw: dict | None, where: str = "recipe") -> Recipe:
         ("read.unit_mb", recipe.read.unit_mb),
     ]:
         if value <= 0:
-            raise RecipeError(f"{where}: {name} must be positive, got {value}")
+            raise ConfigError(f"{where}: {name} must be positive, got {value}")
     return recipe
 
 
@@ -166,11 +160,4 @@ def load_recipe(path: str | Path | None) -> Recipe:
     """The recipe in a YAML file, or the default recipe (normalize + exact dedup) for None."""
     if path is None:
         return parse_recipe({})
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except OSError as e:
-        raise RecipeError(f"cannot read recipe {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{path} is not valid YAML: {e}") from None
-    return parse_recipe(raw, str(path))
+    return parse_recipe(read_yaml(path), str(path))

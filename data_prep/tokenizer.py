@@ -15,12 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
+from megatrain.errors import MegatrainError
+
 EOS = "<|endoftext|>"
 # GPT-2's pre-tokenization, which HF's ByteLevel pre-tokenizer (use_regex=True) also applies
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 
-class TokenizerError(Exception):
+class TokenizerError(MegatrainError):
     """The tokenizer file is missing or not a byte-level BPE we can use; names the file."""
 
 

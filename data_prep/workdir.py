@@ -25,13 +25,14 @@ from pathlib import Path
 
 import numpy as np
 
+from megatrain.errors import MegatrainError
 from megatrain.files import atomic_write_bytes, temp_path
 
 WORK_DIR = ".prep-work"
 LOCK_FILE = ".prep.lock"
 
 
-class LockedError(Exception):
+class LockedError(MegatrainError):
     """Another prep is writing into the same output directory."""
 
 

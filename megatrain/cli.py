@@ -22,7 +22,6 @@ EXAMPLES = """examples:
 def _user_errors() -> tuple[type[Exception], ...]:
     from data_prep.pipeline import PrepError
     from data_prep.readers import InputError
-    from data_prep.recipe import RecipeError
     from data_prep.tokenizer import TokenizerError
     from megatrain.carbon import CarbonInputError
     from megatrain.checkpoint import CheckpointError
@@ -37,7 +36,6 @@ def _user_errors() -> tuple[type[Exception], ...]:
         PrepError,
         InputError,
         TokenizerError,
-        RecipeError,
         ReportError,
         CarbonInputError,
         FileNotFoundError,
