@@ -21,7 +21,7 @@ import threading
 import time
 from pathlib import Path
 
-from megatrain.files import temp_path
+from megatrain.files import atomic_write_bytes, atomic_write_text
 
 
 class CommAborted(Exception):
@@ -148,9 +148,7 @@ class FileComm:
                 )
 
     def _write(self, name: str, obj) -> None:
-        tmp = temp_path(self.dir / name)
-        tmp.write_bytes(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
-        os.replace(tmp, self.dir / name)
+        atomic_write_bytes(self.dir / name, pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
 
     def _wait(self, names: list[str], what: str) -> None:
         start = last_note = time.monotonic()
@@ -204,6 +202,6 @@ class FileComm:
 
     def abort(self, message: str) -> None:
         try:
-            (self.dir / "abort").write_text(f"rank {self.rank}: {message}")
+            atomic_write_text(self.dir / "abort", f"rank {self.rank}: {message}")
         except OSError:
             pass

@@ -14,7 +14,6 @@ and so does a run with any other number of workers. See data_prep.workdir for th
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -28,11 +27,11 @@ from data_prep.global_dedup import exact_duplicates, near_duplicates
 from data_prep.progress import Progress
 from data_prep.readers import Unit, expand_inputs, plan_units
 from data_prep.recipe import Recipe, load_recipe
-from data_prep.report import build_report, format_table, save_report, write_rejects
+from data_prep.report import build_report, format_table, write_rejects
 from data_prep.tokenizer import EOS, FastEncoder, load_tokenizer, train_bpe
-from data_prep.workdir import WorkDir, commit, crash_point, read_json, write_json
+from data_prep.workdir import WorkDir, crash_point, write_json
 from megatrain.errors import MegatrainError
-from megatrain.files import sha256_file, temp_path
+from megatrain.files import atomic_path, atomic_write_bytes, read_json, sha256_file
 from megatrain.shards import MANIFEST_FILE, Manifest, ShardInfo, token_dtype
 
 
@@ -325,14 +324,11 @@ def _dedup(comm, recipe: Recipe, work: WorkDir, mine: list[int], offsets: np.nda
         not_exact = ~np.isin(near_drop, exact_drop)
         near_drop, near_of = near_drop[not_exact], near_of[not_exact]
     if comm.rank == 0:
-        tmp = temp_path(work.dedup)
-        with open(
-            tmp, "wb"
-        ) as f:  # a file object: given a path, np.savez would append ".npz" to it
+        # a file object: given a path, np.savez would append ".npz" to it
+        with atomic_path(work.dedup) as tmp, open(tmp, "wb") as f:
             np.savez(
                 f, exact_drop=exact_drop, exact_of=exact_of, near_drop=near_drop, near_of=near_of
             )
-        commit(tmp, work.dedup)
 
 
 def _tokenizer(recipe: Recipe, work: WorkDir, units: list[Unit], offsets, dropped, log) -> str:
@@ -340,9 +336,8 @@ def _tokenizer(recipe: Recipe, work: WorkDir, units: list[Unit], offsets, droppe
     target = work.out / "tokenizer.json"
     done = work.root / "tokenizer.done"
     if recipe.tokenizer.path:
-        tok = load_tokenizer(recipe.tokenizer.path)
-        shutil.copyfile(recipe.tokenizer.path, work.root / "tokenizer.tmp")
-        os.replace(work.root / "tokenizer.tmp", target)
+        with atomic_path(target) as tmp:
+            shutil.copyfile(recipe.tokenizer.path, tmp)
     elif not done.exists():
         chars = sum(int(stages.read_keys(work, u.index)["chars"].sum()) for u in units)
         t = time.perf_counter()
@@ -361,9 +356,9 @@ def _tokenizer(recipe: Recipe, work: WorkDir, units: list[Unit], offsets, droppe
             tuple(recipe.tokenizer.special_tokens),
             recipe.tokenizer.min_frequency,
         )
-        tok.save(str(work.root / "tokenizer.tmp"))
-        os.replace(work.root / "tokenizer.tmp", target)
-        done.touch()
+        with atomic_path(target) as tmp:
+            tok.save(str(tmp))
+        atomic_write_bytes(done, b"")
         log(
             f"trained a byte-level BPE of {tok.get_vocab_size():,} tokens in {time.perf_counter() - t:.1f} s"
         )
@@ -408,7 +403,7 @@ def _final_report(
     )
     report["workers"] = workers
     write_rejects(work.out, scan, samples, limit)
-    save_report(work.out, report)
+    write_json(work.out / "report.json", report)
     log(format_table(report))
     return report
 

@@ -14,8 +14,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from data_prep.workdir import commit, write_json
-from megatrain.files import temp_path
+from megatrain.files import atomic_write_text
 
 STAGE_ORDER = ["empty", "length", "quality", "repetition", "language", "exact_dedup", "near_dedup"]
 
@@ -90,15 +89,9 @@ def write_rejects(
         if old.stem not in merged:
             old.unlink()
     for stage, items in merged.items():
-        path = directory / f"{stage}.jsonl"
-        tmp = temp_path(path)
-        tmp.write_text("".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items))
-        commit(tmp, path)
+        lines = "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items)
+        atomic_write_text(directory / f"{stage}.jsonl", lines)
     return {k: len(v) for k, v in merged.items()}
-
-
-def save_report(out: Path, report: dict) -> None:
-    write_json(out / "report.json", report)
 
 
 def format_table(report: dict) -> str:

@@ -24,8 +24,8 @@ from data_prep.dedup import MinHashConfig, MinHasher, text_hash
 from data_prep.filters import normalize
 from data_prep.readers import Unit, problem_class, read_unit
 from data_prep.recipe import Recipe
-from data_prep.workdir import WorkDir, commit, crash_point, read_json, save_npy, write_json
-from megatrain.files import temp_path
+from data_prep.workdir import WorkDir, crash_point, write_json
+from megatrain.files import atomic_path, read_json
 from megatrain.shards import ShardInfo, write_shard
 
 DOCS_SCHEMA = pa.schema([pa.field("text", pa.large_string()), pa.field("source", pa.string())])
@@ -97,11 +97,13 @@ def scan_unit(
 ) -> dict:
     """Read, clean and filter one unit; commit its kept text, dedup keys and counts."""
     counts = UnitCounts(recipe.report.reject_samples, recipe.report.sample_chars)
-    docs_path, keys_path = work.unit(unit.index, "docs.arrow"), work.unit(unit.index, "keys.npz")
     hashes, chars, signatures, has_shingles = [], [], [], []
     texts, sources = [], []
-    tmp = temp_path(docs_path)
-    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, DOCS_SCHEMA) as writer:
+    with (
+        atomic_path(work.unit(unit.index, "docs.arrow")) as tmp,
+        pa.OSFile(str(tmp), "wb") as sink,
+        pa.ipc.new_file(sink, DOCS_SCHEMA) as writer,
+    ):
 
         def flush():
             writer.write_batch(
@@ -150,13 +152,12 @@ def scan_unit(
                 flush()
         if texts or counts.kept == 0:
             flush()
-    commit(tmp, docs_path)
     n_bands = hasher.config.bands if hasher is not None else 0
     bands = (
         hasher.band_keys(np.stack(signatures)) if signatures else np.zeros((0, n_bands), np.uint64)
     )
-    tmp = temp_path(keys_path)
-    with open(tmp, "wb") as f:
+    # a file object: given a path, np.savez would append ".npz" to it
+    with atomic_path(work.unit(unit.index, "keys.npz")) as tmp, open(tmp, "wb") as f:
         np.savez(
             f,
             hashes=np.array(hashes, dtype=np.uint64),
@@ -164,7 +165,6 @@ def scan_unit(
             bands=bands,
             has_shingles=np.array(has_shingles, dtype=bool),
         )
-    commit(tmp, keys_path)
     crash_point("scan")
     stats = {"unit": unit.index, **counts.as_dict()}
     write_json(work.unit(unit.index, "scan.json"), stats)
@@ -239,12 +239,10 @@ def tokenize_unit(
     progress=None,
 ) -> dict:
     """Encode the unit's kept, non-duplicate documents; each document's ids end with EOS."""
-    tok_path, len_path = work.unit(unit, "tok"), work.unit(unit, "len.npy")
-    tmp = temp_path(tok_path)
     lengths, gid, n_tokens = [], first_gid, 0
     eos = encoder.eos_id
     dropped = dropped_in(dropped, first_gid, first_gid + 2**62)
-    with open(tmp, "wb") as out:
+    with atomic_path(work.unit(unit, "tok")) as tmp, open(tmp, "wb") as out:
         for texts, _ in iter_docs(work, unit):
             ids = np.arange(gid, gid + len(texts))
             gid += len(texts)
@@ -264,8 +262,8 @@ def tokenize_unit(
             n_tokens += len(flat)
             if progress is not None:
                 progress.add(docs=len(texts), chars=sum(map(len, texts)), tokens=len(flat))
-    commit(tmp, tok_path)
-    save_npy(len_path, np.array(lengths, dtype=np.int64))
+    with atomic_path(work.unit(unit, "len.npy")) as tmp, open(tmp, "wb") as f:
+        np.save(f, np.array(lengths, dtype=np.int64), allow_pickle=False)
     crash_point("tokenize")
     stats = {"unit": unit, "documents": len(lengths), "tokens": n_tokens}
     write_json(work.unit(unit, "tok.json"), stats)

@@ -8,7 +8,7 @@
     OUT/.prep-work/shards/       one marker per shard written (its manifest entry)
     OUT/.prep-work/sync/         FileComm's files, one folder per launch
 
-Every file is written under a temporary name unique to the host and process, then renamed; a
+Every file is written through megatrain.files.atomic_path (temporary name, fsync, rename); a
 marker written last says that a unit's files are whole. A unit with no marker is redone from
 scratch. OUT/.prep-work is removed once manifest.json, the dataset's own completion marker, exists.
 """
@@ -16,17 +16,14 @@ scratch. OUT/.prep-work is removed once manifest.json, the dataset's own complet
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import signal
 import socket
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
-
+from megatrain import files
 from megatrain.errors import MegatrainError
-from megatrain.files import atomic_write_bytes, temp_path
 
 WORK_DIR = ".prep-work"
 LOCK_FILE = ".prep.lock"
@@ -36,26 +33,9 @@ class LockedError(MegatrainError):
     """Another prep is writing into the same output directory."""
 
 
-def commit(tmp: Path, path: Path) -> None:
-    """fsync then rename: `path` is either absent or whole."""
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
-
-
-def read_json(path: Path):
-    return json.loads(path.read_text())
-
-
-def save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = temp_path(path)
-    with open(tmp, "wb") as f:
-        np.save(f, array, allow_pickle=False)
-    commit(tmp, path)
+    """The prep's JSON files (plan, markers, report): sorted keys, indent 1, atomically."""
+    files.write_json(path, obj, indent=1, sort_keys=True)
 
 
 class WorkDir:
