@@ -30,6 +30,7 @@ from data_prep.recipe import Recipe, load_recipe
 from data_prep.report import build_report, format_table, write_rejects
 from data_prep.tokenizer import EOS, FastEncoder, load_tokenizer, train_bpe
 from data_prep.workdir import WorkDir, crash_point, write_json
+from megatrain.dist import agree
 from megatrain.errors import MegatrainError
 from megatrain.files import atomic_path, atomic_write_bytes, read_json, sha256_file
 from megatrain.shards import MANIFEST_FILE, Manifest, ShardInfo, token_dtype
@@ -159,25 +160,6 @@ def _setup(opts: PrepOptions, recipe: Recipe, work: WorkDir, log) -> dict:
 # ----------------------------------------------------------------------------- the run, on every rank
 
 
-def _collective(comm, fn):
-    """Run fn on rank 0 and hand its result to every rank; if it raises, every rank raises.
-
-    The errors are marked `shared`: every rank knows, so none needs to abort the others."""
-    result, error = None, None
-    if comm.rank == 0:
-        try:
-            result = fn()
-        except Exception as e:
-            error = e
-    shared = comm.allgather((result, f"{type(error).__name__}: {error}" if error else None))[0]
-    if error is None and shared[1] is not None:
-        error = PrepError(f"rank 0 failed: {shared[1]}")
-    if error is not None:
-        error.shared = True
-        raise error
-    return shared[0]
-
-
 def run_prep(opts: PrepOptions, log=print) -> dict:
     """Run (this rank of) a prep; see data_prep.launch for how ranks are started."""
     from data_prep.launch import run_prep as launch
@@ -190,7 +172,7 @@ def _run(opts: PrepOptions, comm, log) -> dict:
     recipe = resolve_recipe(opts)
     work = WorkDir(opts.out)
     quiet = (lambda *_: None) if comm.rank else log
-    setup = _collective(comm, lambda: _setup(opts, recipe, work, log))
+    setup = agree(lambda: _setup(opts, recipe, work, log), comm, root=0)
     if "done" in setup:
         return setup["done"]
     plan = setup["plan"]
@@ -218,8 +200,10 @@ def _run(opts: PrepOptions, comm, log) -> dict:
     offsets = np.concatenate([[0], np.cumsum(counts)])
     seconds["scan"] = time.perf_counter() - t
     if offsets[-1] == 0:
-        _collective(
-            comm, lambda: _final_report(work, plan, units, recipe, {}, 0, 0, 0, seconds, "-", quiet)
+        agree(
+            lambda: _final_report(work, plan, units, recipe, {}, 0, 0, 0, seconds, "-", quiet),
+            comm,
+            root=0,
         )
         error = PrepError(
             f"no documents left in {', '.join(opts.inputs)} after reading and filtering; see "
@@ -230,7 +214,7 @@ def _run(opts: PrepOptions, comm, log) -> dict:
 
     # -- global dedup
     t = time.perf_counter()
-    if not _collective(comm, work.dedup.exists):
+    if not agree(work.dedup.exists, comm, root=0):
         _dedup(comm, recipe, work, mine, offsets)
     comm.barrier("dedup")
     with np.load(work.dedup) as z:
@@ -243,7 +227,7 @@ def _run(opts: PrepOptions, comm, log) -> dict:
 
     # -- tokenizer: train on a sample of what is left, or load; rank 0 picks the encoder for all
     t = time.perf_counter()
-    backend = _collective(comm, lambda: _tokenizer(recipe, work, units, offsets, dropped, quiet))
+    backend = agree(lambda: _tokenizer(recipe, work, units, offsets, dropped, quiet), comm, root=0)
     tok = load_tokenizer(work.out / "tokenizer.json")
     encoder = FastEncoder(tok, [], backend=backend)
     dtype = token_dtype(tok.get_vocab_size())
@@ -304,7 +288,7 @@ def _run(opts: PrepOptions, comm, log) -> dict:
         ).write(work.out)
         return report
 
-    return _collective(comm, finish)
+    return agree(finish, comm, root=0)
 
 
 def _dedup(comm, recipe: Recipe, work: WorkDir, mine: list[int], offsets: np.ndarray) -> None:

@@ -1,6 +1,6 @@
-"""The prep's work directory: intermediate files, completion markers, the lock, test crash points.
+"""The prep's work directory: intermediate files, completion markers, test crash points.
 
-    OUT/.prep.lock               flock: one run at a time writes into OUT
+    OUT/.prep.lock               flock: one run at a time writes into OUT (data_prep.launch)
     OUT/.prep-work/plan.json     fingerprint (inputs, recipe, options) and the units of work
     OUT/.prep-work/units/        per unit: docs.arrow (kept text), hashes.npy, bands.npy, lengths of
                                  tokens (*.len) and tokens (*.tok), each committed by a *.json marker
@@ -15,22 +15,14 @@ scratch. OUT/.prep-work is removed once manifest.json, the dataset's own complet
 
 from __future__ import annotations
 
-import fcntl
 import os
 import signal
-import socket
 from collections import Counter
 from pathlib import Path
 
 from megatrain import files
-from megatrain.errors import MegatrainError
 
 WORK_DIR = ".prep-work"
-LOCK_FILE = ".prep.lock"
-
-
-class LockedError(MegatrainError):
-    """Another prep is writing into the same output directory."""
 
 
 def write_json(path: Path, obj) -> None:
@@ -63,34 +55,6 @@ class WorkDir:
     def make(self) -> None:
         for sub in ("units", "shards", "sync"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
-
-
-# ----------------------------------------------------------------------------- lock
-
-
-def acquire_lock(out: Path, shared: bool = False) -> int:
-    """flock OUT/.prep.lock; returns the fd to keep open (children may inherit it).
-
-    Exclusive for a run's coordinator (local or MPI rank 0); shared for Slurm array tasks, which
-    all belong to one run. Released by the kernel when the process (and its children) end,
-    even after kill -9, so a stale lock never blocks a rerun.
-    """
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-    except BlockingIOError:
-        owner = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-        os.close(fd)
-        raise LockedError(
-            f"{out} is being written by another `megatrain prep` ({owner}); wait for it to "
-            "finish or choose another --out"
-        ) from None
-    if not shared:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
-    return fd
 
 
 # ----------------------------------------------------------------------------- crash points
