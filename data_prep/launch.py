@@ -30,7 +30,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from data_prep.comm import Comm, CommAborted, FileComm, MPIComm, SingleComm
-from data_prep.pipeline import PrepError, PrepOptions, _run
+from data_prep.pipeline import prepare_rank
+from data_prep.state import PrepError, PrepOptions, quiet
 from data_prep.workdir import WorkDir
 from megatrain.dist import DistEnv, agree
 from megatrain.shards import MANIFEST_FILE
@@ -75,7 +76,7 @@ def run_prep(opts: PrepOptions, log=print) -> dict:
 
 def _run_ranks(opts: PrepOptions, comm: Comm, log) -> dict:
     try:
-        report = _run(opts, comm, log if comm.rank == 0 else quiet)
+        report = prepare_rank(opts, comm, log)
     except CommAborted as e:
         raise PrepError(f"another rank failed: {e}") from None
     except Exception as e:
@@ -183,10 +184,6 @@ def worker_main(argv: list[str]) -> int:
         )
         return 1
     return 0
-
-
-def quiet(*_) -> None:
-    pass
 
 
 if __name__ == "__main__":

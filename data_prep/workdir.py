@@ -1,12 +1,14 @@
-"""The prep's work directory: intermediate files, completion markers, test crash points.
+"""Where a prep keeps its intermediate files, and the crash points the resume tests kill it at.
 
     OUT/.prep.lock               flock: one run at a time writes into OUT (data_prep.launch)
     OUT/.prep-work/plan.json     fingerprint (inputs, recipe, options) and the units of work
-    OUT/.prep-work/units/        per unit: docs.arrow (kept text), hashes.npy, bands.npy, lengths of
-                                 tokens (*.len) and tokens (*.tok), each committed by a *.json marker
+    OUT/.prep-work/units/        per unit: docs.arrow (kept text), keys.npz (dedup keys, lengths),
+                                 tokens (*.tok) and their lengths (*.len.npy), each committed by
+                                 a *.json marker
     OUT/.prep-work/dedup.npz     which documents the global dedup removed
     OUT/.prep-work/shards/       one marker per shard written (its manifest entry)
     OUT/.prep-work/sync/         FileComm's files, one folder per launch
+    OUT/.prep-work/progress/     each rank's progress counts (advisory)
 
 Every file is written through megatrain.files.atomic_path (temporary name, fsync, rename); a
 marker written last says that a unit's files are whole. A unit with no marker is redone from
@@ -25,11 +27,6 @@ from megatrain import files
 WORK_DIR = ".prep-work"
 
 
-def write_json(path: Path, obj) -> None:
-    """The prep's JSON files (plan, markers, report): sorted keys, indent 1, atomically."""
-    files.write_json(path, obj, indent=1, sort_keys=True)
-
-
 class WorkDir:
     def __init__(self, out: str | os.PathLike):
         self.out = Path(out)
@@ -43,6 +40,10 @@ class WorkDir:
     def dedup(self) -> Path:
         return self.root / "dedup.npz"
 
+    @property
+    def progress(self) -> Path:
+        return self.root / "progress"
+
     def unit(self, index: int, name: str) -> Path:
         return self.root / "units" / f"u{index:06d}.{name}"
 
@@ -55,6 +56,11 @@ class WorkDir:
     def make(self) -> None:
         for sub in ("units", "shards", "sync"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
+
+
+def write_json(path: Path, obj) -> None:
+    """The prep's JSON files (plan, markers, report): sorted keys, indent 1, atomically."""
+    files.write_json(path, obj, indent=1, sort_keys=True)
 
 
 # ----------------------------------------------------------------------------- crash points

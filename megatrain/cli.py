@@ -20,7 +20,7 @@ EXAMPLES = """examples:
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    from data_prep.pipeline import PrepError
+    from data_prep import PrepError
     from data_prep.readers import InputError
     from data_prep.tokenizer import TokenizerError
     from megatrain.carbon import CarbonInputError
@@ -46,7 +46,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 
 def cmd_prep(args) -> int:
-    from data_prep.pipeline import PrepOptions, run_prep
+    from data_prep import PrepOptions, run_prep
 
     try:
         report = run_prep(

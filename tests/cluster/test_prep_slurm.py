@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from data_prep.pipeline import PrepOptions, run_prep
+from data_prep import PrepOptions, run_prep
 from tests.e2e.test_prep_parallel import output_bytes
 from tests.helpers import REPO, planted_corpus
 from tests.unit.test_prep import PLANTED_RECIPE

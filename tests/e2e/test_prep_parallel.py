@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from data_prep.pipeline import PrepOptions, run_prep
+from data_prep import PrepOptions, run_prep
 from megatrain.shards import Dataset, ShardError
 from tests.helpers import REPO, planted_corpus
 from tests.unit.test_prep import PLANTED_RECIPE

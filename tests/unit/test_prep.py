@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from data_prep.pipeline import PrepError, PrepOptions, run_prep
+from data_prep import PrepError, PrepOptions, run_prep
 from data_prep.readers import InputError
 from data_prep.tokenizer import FastEncoder, TokenizerError, load_tokenizer, to_tiktoken
 from megatrain.shards import Dataset
