@@ -91,7 +91,10 @@ def _text_of(doc: Any) -> str:
 
 
 class DocFilter:
-    """Base class: ``check(doc)`` returns None to keep ``doc``, or a reason string to drop it."""
+    """Base class: ``check(doc)`` returns None to keep ``doc``, or a reason string to drop it.
+
+    A reason starts with the filter's ``name`` and a colon ("quality:stop_words"): the report
+    counts removals per filter by that prefix."""
 
     name: ClassVar[str] = "base"
 

@@ -23,7 +23,7 @@ import pyarrow as pa
 import xxhash
 
 from data_prep.dedup import text_hash
-from data_prep.filters import normalize
+from data_prep.filters import first_rejection, normalize
 from data_prep.progress import Progress
 from data_prep.readers import Unit, problem_class, read_unit
 from data_prep.state import PrepState
@@ -117,13 +117,9 @@ def scan_unit(state: PrepState, unit: Unit, progress: Progress | None = None) ->
             if not text.strip():
                 counts.removed("empty", "empty", doc.source, doc.text)
                 continue
-            reason = None
-            for f in state.filters:
-                reason = f.check(text)
-                if reason is not None:
-                    counts.removed(f.name, reason, doc.source, text)
-                    break
-            if reason is not None:
+            reason = first_rejection(state.filters, text)
+            if reason is not None:  # "quality:stop_words": counted under the filter's name
+                counts.removed(reason.split(":")[0], reason, doc.source, text)
                 continue
             counts.kept += 1
             counts.chars_kept += len(text)
