@@ -185,3 +185,8 @@ def planted_corpus(out_dir: Path, per_language: int = 24) -> dict:
         "repaired": {"invalid_utf8": 1, "lone_surrogate": 1},
         "file_problems": {"empty_file": 1, "truncated_or_corrupt_archive": 1},
     }
+
+
+def prep_summaries(output: str) -> int:
+    """How many times `megatrain prep`'s closing line ("prep: N documents in, ...") appears."""
+    return output.count(" documents in, ")
