@@ -11,33 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from data_prep import PrepOptions, run_prep
 from megatrain.shards import Dataset, ShardError
-from tests.helpers import REPO, planted_corpus
-from tests.unit.test_prep import PLANTED_RECIPE
+from tests.helpers import REPO, output_bytes, planted_reference
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 
 
-def output_bytes(out: Path) -> dict[str, bytes]:
-    """The files a trainer reads: manifest, tokenizer, shards."""
-    names = ["manifest.json", "tokenizer.json", *sorted(p.name for p in out.glob("shard-*.arrow"))]
-    return {name: (out / name).read_bytes() for name in names}
-
-
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
     """The planted corpus, its recipe, and the output of a plain 1-process run."""
-    root = tmp_path_factory.mktemp("planted")
-    planted_corpus(root / "raw")
-    (root / "recipe.yaml").write_text(PLANTED_RECIPE)
-    run_prep(
-        PrepOptions(
-            inputs=[str(root / "raw")], out=str(root / "ref"), recipe=str(root / "recipe.yaml")
-        ),
-        log=lambda *_: None,
-    )
+    root = planted_reference(tmp_path_factory.mktemp("planted"))
     assert len(output_bytes(root / "ref")) >= 4
     return root
 
