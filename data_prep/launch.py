@@ -179,9 +179,8 @@ def worker_main(argv: list[str]) -> int:
     try:
         _run_ranks(opts, comm, quiet)
     except Exception as e:
-        print(
-            f"megatrain prep: worker {rank}: {type(e).__name__}: {e}", file=sys.stderr, flush=True
-        )
+        if not getattr(e, "shared", False):  # a shared error is rank 0's to print
+            print(f"megatrain prep: worker {rank}: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     return 0
 
