@@ -1,48 +1,60 @@
 """How the processes of one `megatrain prep` talk: a tiny collective API over MPI or over files.
 
-    comm.rank, comm.size
+    comm.rank, comm.size, comm.kind
     comm.barrier(tag)
     comm.allgather(obj) -> [obj of rank 0, obj of rank 1, ...]      small Python objects
     comm.alltoall([obj for rank 0, obj for rank 1, ...]) -> [obj from rank 0, ...]   numpy arrays
+    comm.abort(message)      this rank failed: stop the others instead of letting them wait
+    comm.finish()            end of the run: rank 0 returns once every rank is done
 
-`MPIComm` wraps mpi4py (`mpiexec -n N megatrain prep ...`, `srun --mpi=pmi2 ...`). `FileComm`
-exchanges pickles through a directory on the shared filesystem: it serves the local
-`--workers N` processes, Slurm job arrays and plain `srun` steps without MPI. Its files are
-named by call number, so a restarted rank (a requeued array task) replays the calls it had
-already made and meets the others where they are. A failing rank writes an `abort` file;
-the others stop waiting and fail with its message instead of hanging.
+`SingleComm` is one process. `MPIComm` wraps mpi4py (`mpiexec -n N megatrain prep ...`,
+`srun --mpi=pmi2 ...`). `FileComm` exchanges pickles through a directory on the shared
+filesystem: it serves the local `--workers N` processes, Slurm job arrays and plain `srun`
+steps without MPI. Its files are named by call number, so a restarted rank (a requeued array
+task) replays the calls it had already made and meets the others where they are. A failing
+rank writes an `abort` file; the others stop waiting and fail with its message instead of
+hanging. Every `Comm` is also a `megatrain.dist.Comm`, so `megatrain.dist.agree` works on it.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
+import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any, Protocol
 
-from megatrain.files import temp_path
+from megatrain.files import atomic_write_bytes, atomic_write_text
 
 
 class CommAborted(Exception):
     """Another rank failed; its message is included."""
 
 
-def detect_launcher(environ=os.environ) -> str:
-    """`mpi`, `array`, `srun` or `local`, from the environment the launcher left."""
-    if any(
-        k in environ
-        for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "PMI_RANK", "MPI_LOCALNRANKS")
-    ):
-        return "mpi"
-    if "SLURM_ARRAY_TASK_ID" in environ:
-        return "array"
-    if "SLURM_STEP_ID" in environ and int(environ.get("SLURM_NTASKS", "1")) > 1:
-        return "srun"
-    return "local"
+class Comm(Protocol):
+    """The ranks of one prep, whatever started them."""
+
+    rank: int
+    size: int
+    kind: str
+    """How the ranks were started, for the log ("MPI ranks", "local workers", ...)."""
+
+    def barrier(self, tag: str = "") -> None: ...
+
+    def allgather(self, obj: Any) -> list: ...
+
+    def alltoall(self, objs: list) -> list: ...
+
+    def abort(self, message: str) -> None:
+        """This rank failed with `message`: make the others fail too, rather than wait."""
+
+    def finish(self) -> None:
+        """This rank is done; on rank 0, return once every rank is (then OUT can be cleaned)."""
 
 
-class SingleComm:
+class SingleComm(Comm):
     rank, size, kind = 0, 1, "1 process"
 
     def barrier(self, tag: str = "") -> None:
@@ -57,8 +69,11 @@ class SingleComm:
     def abort(self, message: str) -> None:
         pass
 
+    def finish(self) -> None:
+        pass
 
-class MPIComm:
+
+class MPIComm(Comm):
     def __init__(self):
         from mpi4py import MPI
 
@@ -92,13 +107,14 @@ class MPIComm:
         return out
 
     def abort(self, message: str) -> None:
-        import sys
-
         print(f"megatrain prep: rank {self.rank} failed: {message}", file=sys.stderr, flush=True)
         self.comm.Abort(1)
 
+    def finish(self) -> None:
+        self._arrive()
 
-class FileComm:
+
+class FileComm(Comm):
     """Collectives through files in `directory` (shared by all ranks of this run)."""
 
     def __init__(
@@ -148,9 +164,7 @@ class FileComm:
                 )
 
     def _write(self, name: str, obj) -> None:
-        tmp = temp_path(self.dir / name)
-        tmp.write_bytes(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
-        os.replace(tmp, self.dir / name)
+        atomic_write_bytes(self.dir / name, pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
 
     def _wait(self, names: list[str], what: str) -> None:
         start = last_note = time.monotonic()
@@ -172,8 +186,8 @@ class FileComm:
                 )
             if now - last_note > 300:
                 self.log(
-                    f"rank {self.rank}: waiting for {len(missing)} rank(s) at {what} (e.g. {missing[0]}); "
-                    "all ranks of a prep must run at the same time"
+                    f"rank {self.rank}: waiting for {len(missing)} rank(s) at {what} "
+                    f"(e.g. {missing[0]}); all ranks of a prep must run at the same time"
                 )
                 last_note = now
             time.sleep(delay)
@@ -204,6 +218,11 @@ class FileComm:
 
     def abort(self, message: str) -> None:
         try:
-            (self.dir / "abort").write_text(f"rank {self.rank}: {message}")
+            atomic_write_text(self.dir / "abort", f"rank {self.rank}: {message}")
         except OSError:
             pass
+
+    def finish(self) -> None:
+        self._write(f"exit.{self.rank}", None)
+        if self.rank == 0:
+            self._wait([f"exit.{r}" for r in range(self.size)], "exit")

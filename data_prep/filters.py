@@ -91,7 +91,10 @@ def _text_of(doc: Any) -> str:
 
 
 class DocFilter:
-    """Base class: ``check(doc)`` returns None to keep ``doc``, or a reason string to drop it."""
+    """Base class: ``check(doc)`` returns None to keep ``doc``, or a reason string to drop it.
+
+    A reason starts with the filter's ``name`` and a colon ("quality:stop_words"): the report
+    counts removals per filter by that prefix."""
 
     name: ClassVar[str] = "base"
 
@@ -159,7 +162,8 @@ class QualityFilter(DocFilter):
     max_bullet_lines_fraction: float = 0.9
     """Gopher: drop if more than 90% of the non-empty lines start with a bullet point."""
     max_ellipsis_lines_fraction: float = 0.3
-    """Gopher: drop if more than 30% of the non-empty lines end with an ellipsis (truncated teasers)."""
+    """Gopher: drop if more than 30% of the non-empty lines end with an ellipsis (truncated
+    teasers)."""
     min_alpha_words_fraction: float = 0.8
     """Gopher: at least 80% of the words contain an alphabetic character. Here "words" are
     whitespace-separated tokens, as in the paper, so that standalone symbols ("|", "==", "12.5")

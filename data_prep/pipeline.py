@@ -1,93 +1,71 @@
-"""`megatrain prep`: raw text in, a dataset directory (manifest, tokenizer, Arrow shards, report) out.
+"""One rank of `megatrain prep`: raw text in, a dataset directory (manifest, tokenizer, Arrow
+shards, report) out.
 
-    plan -> scan (read, normalize, filter; per unit) -> global dedup -> tokenizer (train or load)
-         -> tokenize (per unit) -> write shards (per shard) -> report, manifest.json last
+    setup (rank 0) -> scan (read, normalize, filter; per unit) -> global dedup
+        -> tokenizer (rank 0 trains or copies) -> tokenize (per unit) -> write shards (per shard)
+        -> report, manifest.json last (rank 0)
 
-Every rank runs this same function (`run_prep`): 1 process, `--workers N` local processes,
-MPI ranks (`mpiexec -n N`, `srun --mpi=pmi2`), Slurm array tasks or plain srun tasks. Units of
-work are dealt to ranks by size; the collective steps go through a `data_prep.comm` object.
-Each unit's results are committed by a marker, so a rerun of the same command after a crash
-(kill -9 included) skips what was done and ends with the same bytes as an uninterrupted run,
-and so does a run with any other number of workers. See data_prep.workdir for the files.
+Every rank runs `prepare_rank` with its `data_prep.comm.Comm` (see data_prep.launch for how the
+ranks are started). Units of work are dealt to ranks by size; what rank 0 decides alone it hands
+to all through `megatrain.dist.agree`, which also makes every rank fail if it failed. Each unit's
+results are committed by a marker, so a rerun of the same command after a crash (kill -9
+included) skips what was done and ends with the same bytes as an uninterrupted run, and so does
+a run with any other number of workers. See data_prep.workdir for the files.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 import megatrain
 from data_prep import stages
+from data_prep.comm import Comm
 from data_prep.global_dedup import exact_duplicates, near_duplicates
 from data_prep.progress import Progress
 from data_prep.readers import Unit, expand_inputs, plan_units
-from data_prep.recipe import Recipe, load_recipe
-from data_prep.report import build_report, format_table, save_report, write_rejects
+from data_prep.recipe import Recipe
+from data_prep.report import build_report, format_table, write_rejects
+from data_prep.state import PrepError, PrepOptions, PrepState, resolve_recipe
 from data_prep.tokenizer import EOS, FastEncoder, load_tokenizer, train_bpe
-from data_prep.workdir import WorkDir, commit, crash_point, read_json, write_json
-from megatrain.files import sha256_file, temp_path
+from data_prep.workdir import crash_point, write_json
+from megatrain.dist import agree
+from megatrain.files import atomic_path, atomic_write_bytes, read_json, sha256_file
 from megatrain.shards import MANIFEST_FILE, Manifest, ShardInfo, token_dtype
 
 
-class PrepError(Exception):
-    """The job cannot produce a dataset (no documents, output in use); the message says what to do."""
-
-
-@dataclass
-class PrepOptions:
-    inputs: list[str]
-    out: str
-    recipe: str | None = None
-    vocab_size: int | None = None
-    tokenizer: str | None = None
-    text_field: str | None = None
-    shard_tokens: int | None = None
-    workers: int = 1
-    force: bool = False
-    keep_work: bool = False
-    tokenizer_sample_chars: int | None = None
-    seed: int | None = None
-
-
-def resolve_recipe(opts: PrepOptions) -> Recipe:
-    """The recipe file (or the default one) with the command-line flags applied on top."""
-    recipe = load_recipe(opts.recipe)
-    for value, section, key in [
-        (opts.vocab_size, recipe.tokenizer, "vocab_size"),
-        (opts.tokenizer, recipe.tokenizer, "path"),
-        (opts.tokenizer_sample_chars, recipe.tokenizer, "sample_chars"),
-        (opts.text_field, recipe.read, "text_field"),
-        (opts.shard_tokens, recipe.output, "shard_tokens"),
-        (opts.seed, recipe, "seed"),
-    ]:
-        if value is not None:
-            setattr(section, key, value)
-    return recipe
-
-
-def _fingerprint(recipe: Recipe, files: list[Path]) -> dict:
-    """What the output depends on. Not the number of workers: the output is the same for any."""
-    rec = recipe.as_dict()
-    if recipe.tokenizer.path:
-        rec["tokenizer"]["path"] = sha256_file(recipe.tokenizer.path)
-    rec.pop("report")
-    return json.loads(
-        json.dumps(
-            {
-                "inputs": [
-                    [str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files
-                ],
-                "recipe": rec,
-                "format": "megatrain-prep-1",
-            }
-        )
+def prepare_rank(opts: PrepOptions, comm: Comm, log=print) -> dict:
+    """Run this rank's part of a prep; every rank returns the report (DIR/report.json)."""
+    recipe = agree(lambda: resolve_recipe(opts), comm)
+    state = PrepState(opts, recipe, comm, log)
+    setup = agree(lambda: _setup(state), comm, root=0)
+    if "done" in setup:
+        return setup["done"]
+    state.plan = setup["plan"]
+    state.units = [Unit(**u) for u in state.plan["units"]]
+    state.mine = assign_units(state.units, comm.size)[comm.rank]
+    state.log(
+        f"prep: {len(state.units)} unit(s) of work from {state.plan['bytes_in'] / 1e6:,.1f} MB "
+        f"on {comm.size} worker(s) ({comm.kind})"
     )
+    with state.timer("scan"):
+        _scan(state)
+    if state.offsets[-1] == 0:
+        agree(lambda: _no_documents(state), comm, root=0)
+    with state.timer("dedup"):
+        _dedup(state)
+    with state.timer("tokenizer"):
+        _tokenizer(state)
+    with state.timer("tokenize"):
+        _tokenize(state)
+    with state.timer("write"):
+        shards = _write_shards(state)
+    return agree(lambda: _finish(state, shards), comm, root=0)
 
 
 def assign_units(units: list[Unit], size: int) -> list[list[int]]:
@@ -100,22 +78,22 @@ def assign_units(units: list[Unit], size: int) -> list[list[int]]:
     return [sorted(o) for o in owned]
 
 
-def _clear_outputs(out: Path) -> None:
-    for p in [
-        *out.glob("shard-*.arrow"),
-        out / MANIFEST_FILE,
-        out / "tokenizer.json",
-        out / "report.json",
-    ]:
-        p.unlink(missing_ok=True)
-    stages.remove_tree(out / "rejects")
-
-
 # ----------------------------------------------------------------------------- setup (rank 0)
 
 
-def _setup(opts: PrepOptions, recipe: Recipe, work: WorkDir, log) -> dict:
+def _fingerprint(recipe: Recipe, files: list[Path]) -> dict:
+    """What the output depends on. Not the number of workers: the output is the same for any."""
+    rec = recipe.as_dict()
+    if recipe.tokenizer.path:
+        rec["tokenizer"]["path"] = sha256_file(recipe.tokenizer.path)
+    rec.pop("report")
+    inputs = [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    return json.loads(json.dumps({"inputs": inputs, "recipe": rec, "format": "megatrain-prep-1"}))
+
+
+def _setup(state: PrepState) -> dict:
     """Decide what this run does: {"done": report} or {"plan": ...}; raises on a fatal problem."""
+    opts, recipe, work = state.opts, state.recipe, state.work
     files = expand_inputs(opts.inputs)
     if recipe.tokenizer.path:
         load_tokenizer(recipe.tokenizer.path)  # fail now, not after hours of filtering
@@ -124,10 +102,11 @@ def _setup(opts: PrepOptions, recipe: Recipe, work: WorkDir, log) -> dict:
     if (out / MANIFEST_FILE).exists() and not opts.force:
         done = Manifest.read(out)
         if done.extra.get("fingerprint") == fingerprint:
-            log(
-                f"{out} is already prepared from these inputs ({done.num_tokens:,} tokens); nothing to do"
+            state.log(
+                f"{out} is already prepared from these inputs ({done.num_tokens:,} tokens); "
+                "nothing to do"
             )
-            return {"done": json.loads((out / "report.json").read_text())}
+            return {"done": read_json(out / "report.json")}
         raise PrepError(
             f"{out} holds a dataset prepared from other inputs or options; choose another --out "
             "or pass --force to replace it"
@@ -139,11 +118,14 @@ def _setup(opts: PrepOptions, recipe: Recipe, work: WorkDir, log) -> dict:
                 f"{out} holds an unfinished prep of other inputs or options; rerun that command to "
                 "finish it, choose another --out, or pass --force to start over"
             )
-        log(f"resuming the unfinished prep in {out}")
+        state.log(f"resuming the unfinished prep in {out}")
         return {"plan": plan}
     if opts.force:
-        stages.remove_tree(work.root)
-    _clear_outputs(out)
+        shutil.rmtree(work.root, ignore_errors=True)
+    for name in ["shard-*.arrow", MANIFEST_FILE, "tokenizer.json", "report.json"]:
+        for p in out.glob(name):
+            p.unlink()
+    shutil.rmtree(out / "rejects", ignore_errors=True)
     work.make()
     units = plan_units(files, int(recipe.read.unit_mb * 2**20))
     plan = {
@@ -156,248 +138,183 @@ def _setup(opts: PrepOptions, recipe: Recipe, work: WorkDir, log) -> dict:
     return {"plan": read_json(work.plan)}  # as a resumed run will see it (key order included)
 
 
-# ----------------------------------------------------------------------------- the run, on every rank
+# ----------------------------------------------------------------------------- stages
 
 
-def _collective(comm, fn):
-    """Run fn on rank 0 and hand its result to every rank; if it raises, every rank raises.
-
-    The errors are marked `shared`: every rank knows, so none needs to abort the others."""
-    result, error = None, None
-    if comm.rank == 0:
-        try:
-            result = fn()
-        except Exception as e:
-            error = e
-    shared = comm.allgather((result, f"{type(error).__name__}: {error}" if error else None))[0]
-    if error is None and shared[1] is not None:
-        error = PrepError(f"rank 0 failed: {shared[1]}")
-    if error is not None:
-        error.shared = True
-        raise error
-    return shared[0]
-
-
-def run_prep(opts: PrepOptions, log=print) -> dict:
-    """Run (this rank of) a prep; see data_prep.launch for how ranks are started."""
-    from data_prep.launch import run_prep as launch
-
-    return launch(opts, log)
-
-
-def _run(opts: PrepOptions, comm, log) -> dict:
-    seconds: dict[str, float] = {}
-    recipe = resolve_recipe(opts)
-    work = WorkDir(opts.out)
-    quiet = (lambda *_: None) if comm.rank else log
-    setup = _collective(comm, lambda: _setup(opts, recipe, work, log))
-    if "done" in setup:
-        return setup["done"]
-    plan = setup["plan"]
-    units = [Unit(**u) for u in plan["units"]]
-    mine = assign_units(units, comm.size)[comm.rank]
-    progress_dir = work.root / "progress"
-    quiet(
-        f"prep: {len(units)} unit(s) of work from {plan['bytes_in'] / 1e6:,.1f} MB on {comm.size} worker(s) ({comm.kind})"
+def _scan(state: PrepState) -> None:
+    """Read, clean and filter this rank's units; every rank learns where each unit's kept
+    documents start in the global order (state.offsets)."""
+    comm, work = state.comm, state.work
+    progress = Progress(
+        work.progress, "scan", comm.rank, comm.size, len(state.units), comm.rank == 0, state.log
     )
-
-    # -- scan: read, normalize, filter
-    t = time.perf_counter()
-    filters, hasher = recipe.build_filters(), stages.minhasher(recipe)
-    progress = Progress(progress_dir, "scan", comm.rank, comm.size, len(units), comm.rank == 0, log)
     kept = {}
-    for u in mine:
+    for u in state.mine:
         stats = stages.unit_done(work, u, "scan") or stages.scan_unit(
-            units[u], recipe, filters, hasher, work, progress
+            state, state.units[u], progress
         )
         kept[u] = stats["kept"]
         progress.add(units=1)
     kept = {u: n for part in comm.allgather(kept) for u, n in part.items()}
     progress.close()
-    counts = np.array([kept[u] for u in range(len(units))], dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(counts)])
-    seconds["scan"] = time.perf_counter() - t
-    if offsets[-1] == 0:
-        _collective(
-            comm, lambda: _final_report(work, plan, units, recipe, {}, 0, 0, 0, seconds, "-", quiet)
-        )
-        error = PrepError(
-            f"no documents left in {', '.join(opts.inputs)} after reading and filtering; see "
-            f"{work.out / 'report.json'} and {work.out / 'rejects'} for why"
-        )
-        error.shared = True  # every rank saw the same counts
-        raise error
+    counts = np.array([kept[u] for u in range(len(state.units))], dtype=np.int64)
+    state.offsets = np.concatenate([[0], np.cumsum(counts)])
 
-    # -- global dedup
-    t = time.perf_counter()
-    if not _collective(comm, work.dedup.exists):
-        _dedup(comm, recipe, work, mine, offsets)
+
+def _no_documents(state: PrepState) -> None:
+    """Rank 0: write the report, which says where the documents went, then fail."""
+    _final_report(state, [])
+    raise PrepError(
+        f"no documents left in {', '.join(state.opts.inputs)} after reading and filtering; see "
+        f"{state.work.out / 'report.json'} and {state.work.out / 'rejects'} for why"
+    )
+
+
+def _dedup(state: PrepState) -> None:
+    """The global dedup over all ranks (once: its result is committed as dedup.npz)."""
+    comm, work = state.comm, state.work
+    if not agree(work.dedup.exists, comm, root=0):
+        _global_dedup(state)
     comm.barrier("dedup")
     with np.load(work.dedup) as z:
-        dedup = {k: z[k] for k in z.files}
-    dropped = np.union1d(dedup["exact_drop"], dedup["near_drop"])
-    seconds["dedup"] = time.perf_counter() - t
-    quiet(
-        f"dedup: {len(dedup['exact_drop']):,} exact and {len(dedup['near_drop']):,} near duplicates removed"
+        state.dedup = {k: z[k] for k in z.files}
+    state.dropped = np.union1d(state.dedup["exact_drop"], state.dedup["near_drop"])
+    state.log(
+        f"dedup: {len(state.dedup['exact_drop']):,} exact and "
+        f"{len(state.dedup['near_drop']):,} near duplicates removed"
     )
 
-    # -- tokenizer: train on a sample of what is left, or load; rank 0 picks the encoder for all
-    t = time.perf_counter()
-    backend = _collective(comm, lambda: _tokenizer(recipe, work, units, offsets, dropped, quiet))
-    tok = load_tokenizer(work.out / "tokenizer.json")
-    encoder = FastEncoder(tok, [], backend=backend)
-    dtype = token_dtype(tok.get_vocab_size())
-    seconds["tokenizer"] = time.perf_counter() - t
 
-    # -- tokenize
-    t = time.perf_counter()
-    progress = Progress(
-        progress_dir, "tokenize", comm.rank, comm.size, len(units), comm.rank == 0, log
-    )
-    for u in mine:
-        if not stages.unit_done(work, u, "tok"):
-            stages.tokenize_unit(u, int(offsets[u]), dropped, encoder, dtype, work, progress)
-        progress.add(units=1)
-    comm.barrier("tokenize")
-    progress.close()
-    seconds["tokenize"] = time.perf_counter() - t
-
-    # -- write shards
-    t = time.perf_counter()
-    layout = stages.shard_layout(work, list(range(len(units))), recipe.output.shard_tokens)
-    infos = {
-        p.index: asdict(stages.write_layout_shard(p, work, tok.get_vocab_size(), dtype))
-        for p in layout
-        if p.index % comm.size == comm.rank
-    }
-    infos = {i: info for part in comm.allgather(infos) for i, info in part.items()}
-    shards = [ShardInfo(**infos[i]) for i in range(len(layout))]
-    seconds["write"] = time.perf_counter() - t
-
-    def finish():
-        report = _final_report(
-            work,
-            plan,
-            units,
-            recipe,
-            dedup,
-            sum(s.num_tokens for s in shards),
-            sum(s.num_documents for s in shards),
-            len(shards),
-            seconds,
-            encoder.backend,
-            quiet,
-            workers=comm.size,
-        )
-        crash_point("manifest")
-        tok_path = work.out / "tokenizer.json"
-        Manifest(
-            vocab_size=tok.get_vocab_size(),
-            eos_id=tok.token_to_id(EOS),
-            tokenizer_file=tok_path.name,
-            tokenizer_sha256=sha256_file(tok_path),
-            shards=shards,
-            extra={
-                "fingerprint": plan["fingerprint"],
-                "created_by": f"megatrain {megatrain.__version__}",
-            },
-        ).write(work.out)
-        return report
-
-    return _collective(comm, finish)
-
-
-def _dedup(comm, recipe: Recipe, work: WorkDir, mine: list[int], offsets: np.ndarray) -> None:
-    keys = {u: stages.read_keys(work, u) for u in mine}
+def _global_dedup(state: PrepState) -> None:
+    recipe, offsets, mine = state.recipe, state.offsets, state.mine
+    keys = {u: stages.read_keys(state.work, u) for u in mine}
     gids = {u: np.arange(offsets[u], offsets[u + 1], dtype=np.int64) for u in mine}
     empty = np.zeros(0, np.int64)
     exact_drop, exact_of = empty, empty
     if recipe.dedup.exact:
-        exact_drop, exact_of = exact_duplicates(comm, [(keys[u]["hashes"], gids[u]) for u in mine])
+        local = [(keys[u]["hashes"], gids[u]) for u in mine]
+        exact_drop, exact_of = exact_duplicates(state.comm, local)
     near_drop, near_of = empty, empty
     if recipe.dedup.near.enabled:
         local = [
             (keys[u]["bands"][keys[u]["has_shingles"]], gids[u][keys[u]["has_shingles"]])
             for u in mine
         ]
-        near_drop, near_of = near_duplicates(comm, local, recipe.dedup.near.bands)
+        near_drop, near_of = near_duplicates(state.comm, local, recipe.dedup.near.bands)
         not_exact = ~np.isin(near_drop, exact_drop)
         near_drop, near_of = near_drop[not_exact], near_of[not_exact]
-    if comm.rank == 0:
-        tmp = temp_path(work.dedup)
-        with open(
-            tmp, "wb"
-        ) as f:  # a file object: given a path, np.savez would append ".npz" to it
+    if state.comm.rank == 0:
+        # a file object: given a path, np.savez would append ".npz" to it
+        with atomic_path(state.work.dedup) as tmp, open(tmp, "wb") as f:
             np.savez(
                 f, exact_drop=exact_drop, exact_of=exact_of, near_drop=near_drop, near_of=near_of
             )
-        commit(tmp, work.dedup)
 
 
-def _tokenizer(recipe: Recipe, work: WorkDir, units: list[Unit], offsets, dropped, log) -> str:
-    """Rank 0: make OUT/tokenizer.json (copy or train) and choose the encoder backend."""
-    target = work.out / "tokenizer.json"
-    done = work.root / "tokenizer.done"
-    if recipe.tokenizer.path:
-        tok = load_tokenizer(recipe.tokenizer.path)
-        shutil.copyfile(recipe.tokenizer.path, work.root / "tokenizer.tmp")
-        os.replace(work.root / "tokenizer.tmp", target)
+def _tokenizer(state: PrepState) -> None:
+    """Rank 0 writes OUT/tokenizer.json and picks the encoder backend; every rank loads both."""
+    backend = agree(lambda: _make_tokenizer(state), state.comm, root=0)
+    state.tok = load_tokenizer(state.work.out / "tokenizer.json")
+    state.encoder = FastEncoder(state.tok, [], backend=backend)
+    state.dtype = token_dtype(state.tok.get_vocab_size())
+
+
+def _make_tokenizer(state: PrepState) -> str:
+    """Rank 0: copy or train OUT/tokenizer.json; returns the encoder backend for all ranks."""
+    config, work = state.recipe.tokenizer, state.work
+    target, done = work.out / "tokenizer.json", work.root / "tokenizer.done"
+    if config.path:
+        with atomic_path(target) as tmp:
+            shutil.copyfile(config.path, tmp)
     elif not done.exists():
-        chars = sum(int(stages.read_keys(work, u.index)["chars"].sum()) for u in units)
-        t = time.perf_counter()
-        sample = stages.sample_texts(
-            work,
-            [u.index for u in units],
-            offsets,
-            dropped,
-            recipe.tokenizer.sample_chars,
-            chars,
-            recipe.seed,
-        )
+        start = time.perf_counter()
+        sample = stages.sample_texts(state)
         tok = train_bpe(
-            sample,
-            recipe.tokenizer.vocab_size,
-            tuple(recipe.tokenizer.special_tokens),
-            recipe.tokenizer.min_frequency,
+            sample, config.vocab_size, tuple(config.special_tokens), config.min_frequency
         )
-        tok.save(str(work.root / "tokenizer.tmp"))
-        os.replace(work.root / "tokenizer.tmp", target)
-        done.touch()
-        log(
-            f"trained a byte-level BPE of {tok.get_vocab_size():,} tokens in {time.perf_counter() - t:.1f} s"
+        with atomic_path(target) as tmp:
+            tok.save(str(tmp))
+        atomic_write_bytes(done, b"")
+        state.log(
+            f"trained a byte-level BPE of {tok.get_vocab_size():,} tokens in "
+            f"{time.perf_counter() - start:.1f} s"
         )
-    tok = load_tokenizer(target)
     check, chars = [], 0  # the first kept documents, up to ~300k characters: HF is the slow side
-    for text in stages.sample_texts(work, [u.index for u in units], offsets, dropped, 1, 1, 0):
+    for _, text in stages.kept_docs(state, range(len(state.units))):
         check.append(text)
         chars += len(text)
         if len(check) >= 200 or chars > 300_000:
             break
-    return FastEncoder(tok, check).backend
+    return FastEncoder(load_tokenizer(target), check).backend
 
 
-def _final_report(
-    work, plan, units, recipe, dedup, tokens, docs_out, n_shards, seconds, encoder, log, workers=1
-) -> dict:
-    scan = [stages.unit_done(work, u.index, "scan") for u in units]
-    limit = recipe.report.reject_samples
+def _tokenize(state: PrepState) -> None:
+    comm, work = state.comm, state.work
+    progress = Progress(
+        work.progress, "tokenize", comm.rank, comm.size, len(state.units), comm.rank == 0, state.log
+    )
+    for u in state.mine:
+        if not stages.unit_done(work, u, "tok"):
+            stages.tokenize_unit(state, u, progress)
+        progress.add(units=1)
+    comm.barrier("tokenize")
+    progress.close()
+
+
+def _write_shards(state: PrepState) -> list[ShardInfo]:
+    """Shard i is written by rank i % size; every rank gets the manifest entries of all."""
+    comm = state.comm
+    layout = stages.shard_layout(
+        state.work, list(range(len(state.units))), state.recipe.output.shard_tokens
+    )
+    infos = {
+        p.index: asdict(stages.write_layout_shard(state, p))
+        for p in layout
+        if p.index % comm.size == comm.rank
+    }
+    infos = {i: info for part in comm.allgather(infos) for i, info in part.items()}
+    return [ShardInfo(**infos[i]) for i in range(len(layout))]
+
+
+# ----------------------------------------------------------------------------- the end (rank 0)
+
+
+def _finish(state: PrepState, shards: list[ShardInfo]) -> dict:
+    """Rank 0: the report, then manifest.json, the dataset's completion marker, last."""
+    report = _final_report(state, shards)
+    crash_point("manifest")
+    tok_path = state.work.out / "tokenizer.json"
+    Manifest(
+        vocab_size=state.tok.get_vocab_size(),
+        eos_id=state.tok.token_to_id(EOS),
+        tokenizer_file=tok_path.name,
+        tokenizer_sha256=sha256_file(tok_path),
+        shards=shards,
+        extra={
+            "fingerprint": state.plan["fingerprint"],
+            "created_by": f"megatrain {megatrain.__version__}",
+        },
+    ).write(state.work.out)
+    return report
+
+
+def _final_report(state: PrepState, shards: list[ShardInfo]) -> dict:
+    """Write DIR/report.json and DIR/rejects/, print the table; `shards` is [] on failure."""
+    recipe, work, dedup = state.recipe, state.work, state.dedup
+    scan = [stages.unit_done(work, u.index, "scan") for u in state.units]
     samples = {
-        "exact_dedup": _dup_samples(
-            work, dedup.get("exact_drop"), dedup.get("exact_of"), plan, limit, recipe
-        ),
-        "near_dedup": _dup_samples(
-            work, dedup.get("near_drop"), dedup.get("near_of"), plan, limit, recipe
-        ),
+        stage: _dup_samples(state, dedup.get(f"{kind}_drop"), dedup.get(f"{kind}_of"))
+        for stage, kind in [("exact_dedup", "exact"), ("near_dedup", "near")]
     }
     report = build_report(
         scan,
         {"exact": len(dedup.get("exact_drop", [])), "near": len(dedup.get("near_drop", []))},
-        tokens,
-        docs_out,
-        seconds,
-        plan["bytes_in"],
-        n_shards,
-        encoder,
+        sum(s.num_tokens for s in shards),
+        sum(s.num_documents for s in shards),
+        state.timer.seconds,
+        state.plan["bytes_in"],
+        len(shards),
+        state.encoder.backend if state.encoder else "-",
         [
             "empty",
             *(f["name"] for f in recipe.filters),
@@ -405,22 +322,22 @@ def _final_report(
             *(["near_dedup"] if recipe.dedup.near.enabled else []),
         ],
     )
-    report["workers"] = workers
-    write_rejects(work.out, scan, samples, limit)
-    save_report(work.out, report)
-    log(format_table(report))
+    report["workers"] = state.comm.size
+    write_rejects(work.out, scan, samples, recipe.report.reject_samples)
+    write_json(work.out / "report.json", report)
+    state.log(format_table(report))
     return report
 
 
-def _dup_samples(work, drop, of, plan, limit, recipe) -> list[dict]:
+def _dup_samples(state: PrepState, drop, of) -> list[dict]:
+    """Rejects samples of a dedup stage: where each removed document was, and what it copies."""
     if drop is None or not len(drop):
         return []
-    counts = [stages.unit_done(work, u["index"], "scan")["kept"] for u in plan["units"]]
-    offsets = np.concatenate([[0], np.cumsum(counts)])
+    offsets, limit = state.offsets, state.recipe.report.reject_samples
 
     def locate(gid):
         u = int(np.searchsorted(offsets, gid, side="right")) - 1
-        return stages.doc_at(work, u, int(gid - offsets[u]))
+        return stages.doc_at(state.work, u, int(gid - offsets[u]))
 
     items = []
     for gid, orig in zip(drop[:limit], of[:limit]):
@@ -429,7 +346,7 @@ def _dup_samples(work, drop, of, plan, limit, recipe) -> list[dict]:
             {
                 "location": source,
                 "reason": f"duplicate of {locate(orig)[1]}",
-                "text": text[: recipe.report.sample_chars],
+                "text": text[: state.recipe.report.sample_chars],
             }
         )
     return items

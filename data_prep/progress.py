@@ -15,6 +15,8 @@ import threading
 import time
 from pathlib import Path
 
+from megatrain.files import atomic_write_text
+
 
 class Progress:
     def __init__(
@@ -54,11 +56,9 @@ class Progress:
             self._write()
             self.last_write = now
 
-    def _write(self) -> None:
+    def _write(self) -> None:  # advisory: no fsync
         path = self.dir / f"{self.stage}.{self.rank}.json"
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(self.counts))
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(self.counts), fsync=False)
 
     def _total(self) -> dict:
         total = {k: 0 for k in self.counts}

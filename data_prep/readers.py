@@ -25,6 +25,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from megatrain.errors import MegatrainError
+
 SUPPORTED = (".jsonl", ".json", ".txt", ".parquet")
 COMPRESSED = (".gz", ".zst")
 FILE_PROBLEMS = (
@@ -37,7 +39,7 @@ FILE_PROBLEMS = (
 RejectCallback = Callable[[str, str], None]
 
 
-class InputError(Exception):
+class InputError(MegatrainError):
     """The inputs cannot be read at all (nothing found, directory unreadable); names the path."""
 
 
@@ -65,7 +67,8 @@ class Unit:
     """Byte offset of a line start (jsonl), or first row group (parquet)."""
     stop: int = -1
     first_line: int = 1
-    """Line (jsonl) or row (parquet, 0-based) number of the first record, for `file:line` reports."""
+    """Line (jsonl) or row (parquet, 0-based) number of the first record, for `file:line`
+    reports."""
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -80,7 +83,8 @@ def _base_suffix(path: Path) -> str:
 
 
 def expand_inputs(inputs: list[str]) -> list[Path]:
-    """Files named, found in directories (recursively) or matched by globs; sorted, so the order is stable."""
+    """Files named, found in directories (recursively) or matched by globs; sorted, so the order
+    is stable."""
     files: list[Path] = []
     for item in inputs:
         path = Path(item)
@@ -140,7 +144,8 @@ def _line_splits(path: Path, unit_bytes: int, block: int = 1 << 24) -> list[tupl
 
 
 def plan_units(files: list[Path], unit_bytes: int) -> list[Unit]:
-    """Cut the input files into units of about `unit_bytes` (compressed and txt files stay whole)."""
+    """Cut the input files into units of about `unit_bytes` (compressed and txt files stay
+    whole)."""
     units: list[Unit] = []
     for path in files:
         size = path.stat().st_size
@@ -235,7 +240,8 @@ _SURROGATES = re.compile("[\ud800-\udfff]")
 
 
 def _repair_surrogates(text: str, where: str, on_reject: RejectCallback) -> str:
-    """JSON can spell lone surrogates ("\\ud800"), which are not encodable: replace them with U+FFFD."""
+    """JSON can spell lone surrogates ("\\ud800"), which are not encodable: replace them with
+    U+FFFD."""
     if _SURROGATES.search(text):
         on_reject(where, "repaired:lone_surrogate")
         return _SURROGATES.sub("\ufffd", text)

@@ -20,15 +20,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from data_prep.filters import FILTERS, build_filter
 from data_prep.tokenizer import EOS
-from megatrain.schema import ConfigError, from_dict
-
-
-class RecipeError(Exception):
-    """The recipe cannot be used; the message names the file and key."""
+from megatrain.schema import ConfigError, from_dict, read_yaml
 
 
 @dataclass
@@ -36,7 +30,8 @@ class ReadConfig:
     text_field: str = "text"
     """JSON field / parquet column that holds the text."""
     txt_split: str = "file"
-    """Plain-text files: `file` (one document per file) or `paragraph` (blocks between blank lines)."""
+    """Plain-text files: `file` (one document per file) or `paragraph` (blocks between blank
+    lines)."""
     max_doc_chars: int = 10_000_000
     """A longer document is rejected (counted with its file:line), never held whole in memory."""
     unit_mb: float = 256
@@ -50,7 +45,8 @@ class NearDedupConfig:
     shingle_size: int = 5
     """Words per shingle."""
     bands: int = 14
-    """LSH bands; with `rows`, the threshold is about (1/bands)^(1/rows) Jaccard (0.72 by default)."""
+    """LSH bands; with `rows`, the threshold is about (1/bands)^(1/rows) Jaccard (0.72 by
+    default)."""
     rows: int = 8
     """Hashes per band; the number of permutations is bands * rows."""
     num_perm: int = 0
@@ -62,7 +58,8 @@ class NearDedupConfig:
 @dataclass
 class DedupConfig:
     exact: bool = True
-    """Remove documents whose normalized text is identical to an earlier one, across the whole dataset."""
+    """Remove documents whose normalized text is identical to an earlier one, across the whole
+    dataset."""
     near: NearDedupConfig = field(default_factory=NearDedupConfig)
 
 
@@ -73,7 +70,8 @@ class TokenizerConfig:
     path: str | None = None
     """An existing tokenizer.json to use instead of training one."""
     special_tokens: list[str] = field(default_factory=lambda: [EOS])
-    """Special tokens of a trained tokenizer; <|endoftext|> (id 0) always comes first and ends every document."""
+    """Special tokens of a trained tokenizer; <|endoftext|> (id 0) always comes first and ends
+    every document."""
     sample_chars: int = 200_000_000
     """Characters of text (a seeded sample of the kept documents) to train the BPE on."""
     min_frequency: int = 2
@@ -100,7 +98,8 @@ class Recipe:
     normalize: bool = True
     """Unicode NFC, control characters, whitespace (data_prep.filters.normalize)."""
     filters: list[dict] = field(default_factory=list)
-    """Filters in order (cheap ones first): {name: length|quality|repetition|language, ...thresholds}."""
+    """Filters in order (cheap ones first): {name: length|quality|repetition|language,
+    ...thresholds}."""
     dedup: DedupConfig = field(default_factory=DedupConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -125,23 +124,24 @@ def parse_recipe(raw: dict | None, where: str = "recipe") -> Recipe:
     try:
         recipe = from_dict(Recipe, raw)
     except ConfigError as e:
-        raise RecipeError(f"{where}: {e}") from None
+        raise ConfigError(f"{where}: {e}") from None
     for i, spec in enumerate(recipe.filters):
         if not isinstance(spec, dict) or "name" not in spec:
-            raise RecipeError(f"{where}: filters[{i}] needs a 'name' (one of {', '.join(FILTERS)})")
+            raise ConfigError(f"{where}: filters[{i}] needs a 'name' (one of {', '.join(FILTERS)})")
         try:
             build_filter(spec)
         except (TypeError, ValueError) as e:
-            raise RecipeError(f"{where}: filters[{i}] ({spec['name']}): {e}") from None
+            raise ConfigError(f"{where}: filters[{i}] ({spec['name']}): {e}") from None
     near = recipe.dedup.near
     if near.num_perm:
         if near.num_perm % near.bands:
-            raise RecipeError(
-                f"{where}: dedup.near.num_perm {near.num_perm} is not a multiple of bands {near.bands}"
+            raise ConfigError(
+                f"{where}: dedup.near.num_perm {near.num_perm} is not a multiple of bands "
+                f"{near.bands}"
             )
         near.rows = near.num_perm // near.bands
     if recipe.read.txt_split not in ("file", "paragraph"):
-        raise RecipeError(
+        raise ConfigError(
             f"{where}: read.txt_split must be 'file' or 'paragraph', not {recipe.read.txt_split!r}"
         )
     if EOS not in recipe.tokenizer.special_tokens:
@@ -152,7 +152,7 @@ def parse_recipe(raw: dict | None, where: str = "recipe") -> Recipe:
         ("read.unit_mb", recipe.read.unit_mb),
     ]:
         if value <= 0:
-            raise RecipeError(f"{where}: {name} must be positive, got {value}")
+            raise ConfigError(f"{where}: {name} must be positive, got {value}")
     return recipe
 
 
@@ -160,11 +160,4 @@ def load_recipe(path: str | Path | None) -> Recipe:
     """The recipe in a YAML file, or the default recipe (normalize + exact dedup) for None."""
     if path is None:
         return parse_recipe({})
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except OSError as e:
-        raise RecipeError(f"cannot read recipe {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{path} is not valid YAML: {e}") from None
-    return parse_recipe(raw, str(path))
+    return parse_recipe(read_yaml(path), str(path))

@@ -14,8 +14,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from data_prep.workdir import commit, write_json
-from megatrain.files import temp_path
+from megatrain.files import atomic_write_text
 
 STAGE_ORDER = ["empty", "length", "quality", "repetition", "language", "exact_dedup", "near_dedup"]
 
@@ -76,7 +75,8 @@ def _stage_key(name: str) -> tuple[int, str]:
 def write_rejects(
     out: Path, scan_stats: list[dict], dedup_samples: dict[str, list], limit: int
 ) -> dict[str, int]:
-    """DIR/rejects/<stage>.jsonl: up to `limit` removed documents per stage, in input order, with the reason."""
+    """DIR/rejects/<stage>.jsonl: up to `limit` removed documents per stage, in input order, with
+    the reason."""
     merged: dict[str, list] = {}
     for s in scan_stats:
         for stage, items in s["samples"].items():
@@ -89,15 +89,9 @@ def write_rejects(
         if old.stem not in merged:
             old.unlink()
     for stage, items in merged.items():
-        path = directory / f"{stage}.jsonl"
-        tmp = temp_path(path)
-        tmp.write_text("".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items))
-        commit(tmp, path)
+        lines = "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items)
+        atomic_write_text(directory / f"{stage}.jsonl", lines)
     return {k: len(v) for k, v in merged.items()}
-
-
-def save_report(out: Path, report: dict) -> None:
-    write_json(out / "report.json", report)
 
 
 def format_table(report: dict) -> str:
@@ -124,9 +118,10 @@ def format_table(report: dict) -> str:
     lines += [f"{name:<{width}}  {n:>12,}" for name, n in extra.items()]
     secs = report["seconds"]
     lines.append(
-        f"tokens {report['tokens']:,} in {report['shards']} shard(s); input {report['bytes_in'] / 1e6:,.1f} MB "
-        f"in {report['seconds_total']:.1f} s ({report['mb_per_s']:.2f} MB/s); tokenize+write "
-        f"{report['tokens_per_s']:,.0f} tokens/s ({report['encoder']})"
+        f"tokens {report['tokens']:,} in {report['shards']} shard(s); "
+        f"input {report['bytes_in'] / 1e6:,.1f} MB in {report['seconds_total']:.1f} s "
+        f"({report['mb_per_s']:.2f} MB/s); "
+        f"tokenize+write {report['tokens_per_s']:,.0f} tokens/s ({report['encoder']})"
     )
     lines.append("time per stage: " + ", ".join(f"{k} {v:.1f} s" for k, v in secs.items()))
     if not report["accounted"]:

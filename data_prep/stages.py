@@ -1,7 +1,9 @@
 """The per-unit work of a prep, each step committed by a marker so that a rerun skips it.
 
     scan_unit       read -> normalize -> filters; writes the kept text (Arrow), dedup keys, counts
-    tokenize_unit   kept text minus global duplicates -> token ids (*.tok) and lengths (*.len)
+    kept_docs       the kept text minus the global duplicates: what the tokenizer sees
+    sample_texts    a seeded sample of the kept documents, to train the tokenizer on
+    tokenize_unit   kept documents -> token ids (*.tok) and lengths (*.len.npy)
     shard_layout    where shards start and end, from the token counts of all units
     write_layout_shard   one shard of the layout, in the spine's Arrow format
 
@@ -13,32 +15,24 @@ from __future__ import annotations
 import itertools
 import os
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import xxhash
 
-from data_prep.dedup import MinHashConfig, MinHasher, text_hash
-from data_prep.filters import normalize
+from data_prep.dedup import text_hash
+from data_prep.filters import first_rejection, normalize
+from data_prep.progress import Progress
 from data_prep.readers import Unit, problem_class, read_unit
-from data_prep.recipe import Recipe
-from data_prep.workdir import WorkDir, commit, crash_point, read_json, save_npy, write_json
-from megatrain.files import temp_path
+from data_prep.state import PrepState
+from data_prep.workdir import WorkDir, crash_point, write_json
+from megatrain.files import atomic_path, read_json
 from megatrain.shards import ShardInfo, write_shard
 
 DOCS_SCHEMA = pa.schema([pa.field("text", pa.large_string()), pa.field("source", pa.string())])
 BATCH_DOCS = 1024
-
-
-def minhasher(recipe: Recipe) -> MinHasher | None:
-    near = recipe.dedup.near
-    return (
-        MinHasher(MinHashConfig(near.shingle_size, near.bands, near.rows, near.seed))
-        if near.enabled
-        else None
-    )
 
 
 class UnitCounts:
@@ -87,21 +81,17 @@ class UnitCounts:
         }
 
 
-def scan_unit(
-    unit: Unit,
-    recipe: Recipe,
-    filters: list,
-    hasher: MinHasher | None,
-    work: WorkDir,
-    progress=None,
-) -> dict:
+def scan_unit(state: PrepState, unit: Unit, progress: Progress | None = None) -> dict:
     """Read, clean and filter one unit; commit its kept text, dedup keys and counts."""
+    recipe, work, hasher = state.recipe, state.work, state.hasher
     counts = UnitCounts(recipe.report.reject_samples, recipe.report.sample_chars)
-    docs_path, keys_path = work.unit(unit.index, "docs.arrow"), work.unit(unit.index, "keys.npz")
     hashes, chars, signatures, has_shingles = [], [], [], []
     texts, sources = [], []
-    tmp = temp_path(docs_path)
-    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, DOCS_SCHEMA) as writer:
+    with (
+        atomic_path(work.unit(unit.index, "docs.arrow")) as tmp,
+        pa.OSFile(str(tmp), "wb") as sink,
+        pa.ipc.new_file(sink, DOCS_SCHEMA) as writer,
+    ):
 
         def flush():
             writer.write_batch(
@@ -127,13 +117,9 @@ def scan_unit(
             if not text.strip():
                 counts.removed("empty", "empty", doc.source, doc.text)
                 continue
-            reason = None
-            for f in filters:
-                reason = f.check(text)
-                if reason is not None:
-                    counts.removed(f.name, reason, doc.source, text)
-                    break
-            if reason is not None:
+            reason = first_rejection(state.filters, text)
+            if reason is not None:  # "quality:stop_words": counted under the filter's name
+                counts.removed(reason.split(":")[0], reason, doc.source, text)
                 continue
             counts.kept += 1
             counts.chars_kept += len(text)
@@ -150,13 +136,12 @@ def scan_unit(
                 flush()
         if texts or counts.kept == 0:
             flush()
-    commit(tmp, docs_path)
     n_bands = hasher.config.bands if hasher is not None else 0
     bands = (
         hasher.band_keys(np.stack(signatures)) if signatures else np.zeros((0, n_bands), np.uint64)
     )
-    tmp = temp_path(keys_path)
-    with open(tmp, "wb") as f:
+    # a file object: given a path, np.savez would append ".npz" to it
+    with atomic_path(work.unit(unit.index, "keys.npz")) as tmp, open(tmp, "wb") as f:
         np.savez(
             f,
             hashes=np.array(hashes, dtype=np.uint64),
@@ -164,7 +149,6 @@ def scan_unit(
             bands=bands,
             has_shingles=np.array(has_shingles, dtype=bool),
         )
-    commit(tmp, keys_path)
     crash_point("scan")
     stats = {"unit": unit.index, **counts.as_dict()}
     write_json(work.unit(unit.index, "scan.json"), stats)
@@ -176,14 +160,6 @@ def read_keys(work: WorkDir, unit: int) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
 
 
-def iter_docs(work: WorkDir, unit: int):
-    """(text, source) of the unit's kept documents, in order, a record batch at a time."""
-    reader = pa.ipc.open_file(pa.memory_map(str(work.unit(unit, "docs.arrow")), "r"))
-    for i in range(reader.num_record_batches):
-        batch = reader.get_batch(i)
-        yield batch.column(0).to_pylist(), batch.column(1).to_pylist()
-
-
 def doc_at(work: WorkDir, unit: int, index: int) -> tuple[str, str]:
     """(text, source) of one kept document: every record batch but the last holds BATCH_DOCS."""
     reader = pa.ipc.open_file(pa.memory_map(str(work.unit(unit, "docs.arrow")), "r"))
@@ -191,81 +167,59 @@ def doc_at(work: WorkDir, unit: int, index: int) -> tuple[str, str]:
     return row.column(0)[0].as_py(), row.column(1)[0].as_py()
 
 
-def dropped_in(dropped: np.ndarray, first_gid: int, end_gid: int) -> np.ndarray:
-    """The part of the sorted global `dropped` array that falls in [first_gid, end_gid)."""
-    return dropped[np.searchsorted(dropped, first_gid) : np.searchsorted(dropped, end_gid)]
+# ----------------------------------------------------------------------------- kept documents
 
 
-# ----------------------------------------------------------------------------- tokenizer sample
+def kept_docs(state: PrepState, units: Iterable[int]) -> Iterator[tuple[int, str]]:
+    """(global id, text) of each document of `units` that the filters and the global dedup
+    kept, in the global order: what the tokenizer is trained on, checked on and encodes."""
+    for u in units:
+        gid = int(state.offsets[u])
+        lo, hi = np.searchsorted(state.dropped, state.offsets[u : u + 2])
+        dropped = set(state.dropped[lo:hi].tolist())
+        reader = pa.ipc.open_file(pa.memory_map(str(state.work.unit(u, "docs.arrow")), "r"))
+        for i in range(reader.num_record_batches):
+            for text in reader.get_batch(i).column(0).to_pylist():
+                if gid not in dropped:
+                    yield gid, text
+                gid += 1
 
 
-def sample_texts(
-    work: WorkDir,
-    units: list[int],
-    offsets: np.ndarray,
-    dropped: np.ndarray,
-    budget_chars: int,
-    total_chars: int,
-    seed: int,
-):
-    """A seeded sample of about `budget_chars` characters of the kept documents, in global order.
+def sample_texts(state: PrepState) -> Iterator[str]:
+    """A seeded sample of about `tokenizer.sample_chars` characters of the kept documents.
 
-    A document is in it when a hash of (seed, its global index) falls under budget / total: the
+    A document is in it when a hash of (seed, its global id) falls under budget / total: the
     same sample whatever the number of workers, streamed so memory stays small.
     """
-    threshold = min(1.0, budget_chars / max(total_chars, 1)) * 2**64
-    for u in units:
-        gid = int(offsets[u])
-        local = dropped_in(dropped, int(offsets[u]), int(offsets[u + 1]))
-        for texts, _ in iter_docs(work, u):
-            gids = np.arange(gid, gid + len(texts))
-            keep = ~np.isin(gids, local)
-            gid += len(texts)
-            for g, text in zip(gids[keep].tolist(), itertools.compress(texts, keep)):
-                if xxhash.xxh3_64_intdigest(f"{seed}:{g}".encode()) < threshold:
-                    yield text
+    units = range(len(state.units))
+    total = sum(int(read_keys(state.work, u)["chars"].sum()) for u in units)
+    threshold = min(1.0, state.recipe.tokenizer.sample_chars / max(total, 1)) * 2**64
+    for gid, text in kept_docs(state, units):
+        if xxhash.xxh3_64_intdigest(f"{state.recipe.seed}:{gid}".encode()) < threshold:
+            yield text
 
 
-# ----------------------------------------------------------------------------- tokenize
-
-
-def tokenize_unit(
-    unit: int,
-    first_gid: int,
-    dropped: np.ndarray,
-    encoder,
-    dtype: np.dtype,
-    work: WorkDir,
-    progress=None,
-) -> dict:
-    """Encode the unit's kept, non-duplicate documents; each document's ids end with EOS."""
-    tok_path, len_path = work.unit(unit, "tok"), work.unit(unit, "len.npy")
-    tmp = temp_path(tok_path)
-    lengths, gid, n_tokens = [], first_gid, 0
-    eos = encoder.eos_id
-    dropped = dropped_in(dropped, first_gid, first_gid + 2**62)
-    with open(tmp, "wb") as out:
-        for texts, _ in iter_docs(work, unit):
-            ids = np.arange(gid, gid + len(texts))
-            gid += len(texts)
-            keep = ~np.isin(ids, dropped[: np.searchsorted(dropped, gid)])
-            texts = list(itertools.compress(texts, keep))
-            if not texts:
-                continue
+def tokenize_unit(state: PrepState, unit: int, progress: Progress | None = None) -> dict:
+    """Encode the unit's kept documents; each document's ids end with EOS."""
+    work, encoder = state.work, state.encoder
+    docs = kept_docs(state, [unit])
+    lengths, n_tokens = [], 0
+    with atomic_path(work.unit(unit, "tok")) as tmp, open(tmp, "wb") as out:
+        while texts := [text for _, text in itertools.islice(docs, BATCH_DOCS)]:
             encoded = encoder.encode_lists(texts)
             for ids in encoded:
-                ids.append(eos)
+                ids.append(encoder.eos_id)
             batch_lengths = [len(x) for x in encoded]
             flat = np.fromiter(
-                itertools.chain.from_iterable(encoded), dtype=dtype, count=sum(batch_lengths)
+                itertools.chain.from_iterable(encoded), dtype=state.dtype, count=sum(batch_lengths)
             )
             out.write(flat.tobytes())
             lengths += batch_lengths
             n_tokens += len(flat)
             if progress is not None:
                 progress.add(docs=len(texts), chars=sum(map(len, texts)), tokens=len(flat))
-    commit(tmp, tok_path)
-    save_npy(len_path, np.array(lengths, dtype=np.int64))
+    with atomic_path(work.unit(unit, "len.npy")) as tmp, open(tmp, "wb") as f:
+        np.save(f, np.array(lengths, dtype=np.int64), allow_pickle=False)
     crash_point("tokenize")
     stats = {"unit": unit, "documents": len(lengths), "tokens": n_tokens}
     write_json(work.unit(unit, "tok.json"), stats)
@@ -304,9 +258,9 @@ def shard_layout(work: WorkDir, units: list[int], shard_tokens: int) -> list[Sha
     return shards
 
 
-def write_layout_shard(
-    plan: ShardPlan, work: WorkDir, vocab_size: int, dtype: np.dtype
-) -> ShardInfo:
+def write_layout_shard(state: PrepState, plan: ShardPlan) -> ShardInfo:
+    """Write one shard of the layout, unless a marker says it is already whole."""
+    work, dtype = state.work, state.dtype
     marker = work.shard_marker(plan.index)
     path = work.out / f"shard-{plan.index:05d}.arrow"
     if marker.exists() and path.exists():
@@ -323,7 +277,7 @@ def write_layout_shard(
             else np.zeros(0, dtype)
         )
         documents += [tokens[offsets[i] : offsets[i + 1]] for i in range(start, end)]
-    info = write_shard(path, documents, vocab_size)
+    info = write_shard(path, documents, state.tok.get_vocab_size())
     crash_point("shard")
     write_json(marker, info.__dict__)
     return info
@@ -332,9 +286,3 @@ def write_layout_shard(
 def unit_done(work: WorkDir, unit: int, step: str) -> dict | None:
     marker = work.unit(unit, f"{step}.json")
     return read_json(marker) if marker.exists() else None
-
-
-def remove_tree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)

@@ -15,12 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
+from megatrain.errors import MegatrainError
+
 EOS = "<|endoftext|>"
 # GPT-2's pre-tokenization, which HF's ByteLevel pre-tokenizer (use_regex=True) also applies
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 
-class TokenizerError(Exception):
+class TokenizerError(MegatrainError):
     """The tokenizer file is missing or not a byte-level BPE we can use; names the file."""
 
 
@@ -68,7 +70,8 @@ def load_tokenizer(path: str | Path):
 
 
 def _byte_decoder() -> dict[str, int]:
-    """GPT-2's byte-to-unicode table, inverted: the printable character that stands for each byte."""
+    """GPT-2's byte-to-unicode table, inverted: the printable character that stands for each
+    byte."""
     printable = (
         list(range(ord("!"), ord("~") + 1))
         + list(range(ord("¡"), ord("¬") + 1))
@@ -84,7 +87,8 @@ def _byte_decoder() -> dict[str, int]:
 
 
 def to_tiktoken(tok):
-    """The same byte-level BPE as a tiktoken Encoding (ranks = HF ids, special tokens kept apart)."""
+    """The same byte-level BPE as a tiktoken Encoding (ranks = HF ids, special tokens kept
+    apart)."""
     import tiktoken
 
     spec = json.loads(tok.to_str())

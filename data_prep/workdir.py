@@ -1,60 +1,30 @@
-"""The prep's work directory: intermediate files, completion markers, the lock, test crash points.
+"""Where a prep keeps its intermediate files, and the crash points the resume tests kill it at.
 
-    OUT/.prep.lock               flock: one run at a time writes into OUT
+    OUT/.prep.lock               flock: one run at a time writes into OUT (data_prep.launch)
     OUT/.prep-work/plan.json     fingerprint (inputs, recipe, options) and the units of work
-    OUT/.prep-work/units/        per unit: docs.arrow (kept text), hashes.npy, bands.npy, lengths of
-                                 tokens (*.len) and tokens (*.tok), each committed by a *.json marker
+    OUT/.prep-work/units/        per unit: docs.arrow (kept text), keys.npz (dedup keys, lengths),
+                                 tokens (*.tok) and their lengths (*.len.npy), each committed by
+                                 a *.json marker
     OUT/.prep-work/dedup.npz     which documents the global dedup removed
     OUT/.prep-work/shards/       one marker per shard written (its manifest entry)
     OUT/.prep-work/sync/         FileComm's files, one folder per launch
+    OUT/.prep-work/progress/     each rank's progress counts (advisory)
 
-Every file is written under a temporary name unique to the host and process, then renamed; a
+Every file is written through megatrain.files.atomic_path (temporary name, fsync, rename); a
 marker written last says that a unit's files are whole. A unit with no marker is redone from
 scratch. OUT/.prep-work is removed once manifest.json, the dataset's own completion marker, exists.
 """
 
 from __future__ import annotations
 
-import fcntl
-import json
 import os
 import signal
-import socket
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
-
-from megatrain.files import atomic_write_bytes, temp_path
+from megatrain import files
 
 WORK_DIR = ".prep-work"
-LOCK_FILE = ".prep.lock"
-
-
-class LockedError(Exception):
-    """Another prep is writing into the same output directory."""
-
-
-def commit(tmp: Path, path: Path) -> None:
-    """fsync then rename: `path` is either absent or whole."""
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
-
-
-def read_json(path: Path):
-    return json.loads(path.read_text())
-
-
-def save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = temp_path(path)
-    with open(tmp, "wb") as f:
-        np.save(f, array, allow_pickle=False)
-    commit(tmp, path)
 
 
 class WorkDir:
@@ -70,6 +40,10 @@ class WorkDir:
     def dedup(self) -> Path:
         return self.root / "dedup.npz"
 
+    @property
+    def progress(self) -> Path:
+        return self.root / "progress"
+
     def unit(self, index: int, name: str) -> Path:
         return self.root / "units" / f"u{index:06d}.{name}"
 
@@ -84,32 +58,9 @@ class WorkDir:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
 
 
-# ----------------------------------------------------------------------------- lock
-
-
-def acquire_lock(out: Path, shared: bool = False) -> int:
-    """flock OUT/.prep.lock; returns the fd to keep open (children may inherit it).
-
-    Exclusive for a run's coordinator (local or MPI rank 0); shared for Slurm array tasks, which
-    all belong to one run. Released by the kernel when the process (and its children) end,
-    even after kill -9, so a stale lock never blocks a rerun.
-    """
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-    except BlockingIOError:
-        owner = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-        os.close(fd)
-        raise LockedError(
-            f"{out} is being written by another `megatrain prep` ({owner}); wait for it to "
-            "finish or choose another --out"
-        ) from None
-    if not shared:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
-    return fd
+def write_json(path: Path, obj) -> None:
+    """The prep's JSON files (plan, markers, report): sorted keys, indent 1, atomically."""
+    files.write_json(path, obj, indent=1, sort_keys=True)
 
 
 # ----------------------------------------------------------------------------- crash points

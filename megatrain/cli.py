@@ -25,39 +25,28 @@ EXAMPLES = """examples:
 
 
 def cmd_prep(args) -> int:
-    from data_prep.pipeline import PrepOptions, run_prep
+    from data_prep import PrepOptions, run_prep
 
-    try:
-        report = run_prep(
-            PrepOptions(
-                inputs=args.inputs,
-                out=args.out,
-                recipe=args.recipe,
-                vocab_size=args.vocab_size,
-                tokenizer=args.tokenizer,
-                text_field=args.text_field,
-                shard_tokens=args.shard_tokens,
-                workers=args.workers,
-                force=args.force,
-                keep_work=args.keep_work,
-            )
+    report = run_prep(
+        PrepOptions(
+            inputs=args.inputs,
+            out=args.out,
+            recipe=args.recipe,
+            vocab_size=args.vocab_size,
+            tokenizer=args.tokenizer,
+            text_field=args.text_field,
+            shard_tokens=args.shard_tokens,
+            workers=args.workers,
+            force=args.force,
+            keep_work=args.keep_work,
         )
-    except Exception as e:
-        if getattr(e, "shared", False) and not _is_rank0():
-            return 2  # every rank has this error: rank 0 prints it
-        raise
-    if report is not None and report.get("docs_out") is not None and _is_rank0():
+    )
+    if DistEnv.from_environ(arrays_are_ranks=True).rank == 0:  # every rank returns the report
         print(
-            f"prep: {report['docs_in']:,} documents in, {report['docs_out']:,} out, {report['tokens']:,} tokens "
-            f"-> {args.out}"
+            f"prep: {report['docs_in']:,} documents in, {report['docs_out']:,} out, "
+            f"{report['tokens']:,} tokens -> {args.out}"
         )
     return 0
-
-
-def _is_rank0() -> bool:
-    return all(
-        os.environ.get(k, "0") == "0" for k in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
-    )
 
 
 # ----------------------------------------------------------------------------- train

@@ -453,7 +453,9 @@ def config_reference() -> str:
             tname = getattr(tp, "__name__", tname) if not typing.get_args(tp) else tname
             tname = tname.replace("|", "\\|")  # a bare | would end the Markdown cell
             key = f"{prefix}.{f.name}" if prefix else f.name
-            doc = " ".join(docs.get(f.name, "").split())  # a docstring may wrap; a table row may not
+            doc = " ".join(
+                docs.get(f.name, "").split()
+            )  # a docstring may wrap; a table row may not
             lines.append(f"| `{key}` | `{tname}` | `{default!r}` | {doc} |")
         lines.append("")
         if prefix == "data":

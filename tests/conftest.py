@@ -1,4 +1,5 @@
-"""Shared fixtures; every process the tests start gets offline W&B, one thread, a cached DeepSpeed op."""
+"""Shared fixtures; every process the tests start gets offline W&B, one thread, a cached
+DeepSpeed op."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ os.environ.setdefault("MEGATRAIN_CONFIGS", str(REPO / "configs"))
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory) -> Path:
     """A prepared dataset (vocab 512, several shards) from a sample of the bundled corpus."""
-    from data_prep.pipeline import PrepOptions, run_prep
+    from data_prep import PrepOptions, run_prep
 
     root = tmp_path_factory.mktemp("tiny_dataset")
     inputs = corpus_sample(root / "raw")

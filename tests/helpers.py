@@ -1,4 +1,4 @@
-"""Helpers for tests that start training processes or read run outputs."""
+"""Helpers for tests that start training or prep processes or read their outputs."""
 
 from __future__ import annotations
 
@@ -88,23 +88,25 @@ SPAM = {
     "symbols": " ".join(["#tag #win #free #now ###"] * 40),
     "repeated": "\n".join(
         [
-            "The best way to learn about the history of the town is to read the old letters and the "
-            "records that the merchants have kept with care."
+            "The best way to learn about the history of the town is to read the old letters and "
+            "the records that the merchants have kept with care."
         ]
         * 30
     ),
     "german": (
-        "Der Fluss, der durch die Altstadt fließt, war mehr als tausend Jahre lang eine Quelle für Wasser, "
-        "Nahrung und Handel. Im Frühling, wenn in den Bergen der Schnee schmilzt, steigt das Wasser schnell "
-        "an, und die Bauern, die an seinen Ufern leben, treiben ihre Tiere auf höher gelegene Weiden. "
-        "Historiker haben im Archiv des Rathauses Berichte über große Überschwemmungen gefunden, dazu Briefe "
-        "von Kaufleuten, die sich beklagten, dass die Schiffe den Hafen wochenlang nicht erreichen konnten."
+        "Der Fluss, der durch die Altstadt fließt, war mehr als tausend Jahre lang eine Quelle "
+        "für Wasser, Nahrung und Handel. Im Frühling, wenn in den Bergen der Schnee schmilzt, "
+        "steigt das Wasser schnell an, und die Bauern, die an seinen Ufern leben, treiben ihre "
+        "Tiere auf höher gelegene Weiden. Historiker haben im Archiv des Rathauses Berichte über "
+        "große Überschwemmungen gefunden, dazu Briefe von Kaufleuten, die sich beklagten, dass "
+        "die Schiffe den Hafen wochenlang nicht erreichen konnten."
     ),
 }
 
 
 def _edit(text: str, every: int = 40) -> str:
-    """The same text with one word in `every` replaced: a near duplicate (Jaccard of 5-shingles ~0.85)."""
+    """The same text with one word in `every` replaced: a near duplicate (Jaccard of 5-shingles
+    ~0.85)."""
     words = text.split(" ")
     return " ".join("modified" if i % every == 7 else w for i, w in enumerate(words))
 
@@ -194,3 +196,43 @@ def planted_corpus(out_dir: Path, per_language: int = 24) -> dict:
         "repaired": {"invalid_utf8": 1, "lone_surrogate": 1},
         "file_problems": {"empty_file": 1, "truncated_or_corrupt_archive": 1},
     }
+
+
+# The planted corpus' recipe: every stage on, the language filter early so that the German spam
+# document is caught by it (not by the stop-word rule), tiny units so files are cut in several.
+PLANTED_RECIPE = """
+read: {max_doc_chars: 1000000, unit_mb: 0.02}
+filters:
+  - {name: length, min_chars: 200}
+  - {name: language, languages: [en, fr]}
+  - {name: quality}
+  - {name: repetition}
+dedup: {exact: true, near: {enabled: true}}
+tokenizer: {vocab_size: 1024}
+output: {shard_tokens: 60000}
+"""
+
+
+def planted_reference(root: Path) -> Path:
+    """root/raw (the planted corpus), root/recipe.yaml (PLANTED_RECIPE) and root/ref, the
+    output of a plain 1-process prep of them: what any parallel run must reproduce."""
+    from data_prep import PrepOptions, run_prep
+
+    planted_corpus(root / "raw")
+    (root / "recipe.yaml").write_text(PLANTED_RECIPE)
+    opts = PrepOptions(
+        inputs=[str(root / "raw")], out=str(root / "ref"), recipe=str(root / "recipe.yaml")
+    )
+    run_prep(opts, log=lambda *_: None)
+    return root
+
+
+def output_bytes(out: Path) -> dict[str, bytes]:
+    """The files of a prepared dataset that a trainer reads: manifest, tokenizer, shards."""
+    names = ["manifest.json", "tokenizer.json", *sorted(p.name for p in out.glob("shard-*.arrow"))]
+    return {name: (out / name).read_bytes() for name in names}
+
+
+def prep_summaries(output: str) -> int:
+    """How many times `megatrain prep`'s closing line ("prep: N documents in, ...") appears."""
+    return output.count(" documents in, ")

@@ -6,10 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from data_prep.pipeline import PrepOptions, run_prep
-from tests.e2e.test_prep_parallel import output_bytes
-from tests.helpers import REPO, planted_corpus
-from tests.unit.test_prep import PLANTED_RECIPE
+from tests.helpers import REPO, output_bytes, planted_reference, prep_summaries
 
 SCRIPT = REPO / "slurm" / "prep.sh"
 # Now and then on the CI machine, Slurm 22.05's pmi2 plugin misparses a PMI message of MPICH's
@@ -22,16 +19,7 @@ LOCAL = ["--partition=debug", "--qos=normal", "--time=10", "--ntasks-per-node=1"
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("prep_slurm")
-    planted_corpus(root / "raw")
-    (root / "recipe.yaml").write_text(PLANTED_RECIPE)
-    run_prep(
-        PrepOptions(
-            inputs=[str(root / "raw")], out=str(root / "ref"), recipe=str(root / "recipe.yaml")
-        ),
-        log=lambda *_: None,
-    )
-    return root
+    return planted_reference(tmp_path_factory.mktemp("prep_slurm"))
 
 
 def _args(root: Path, out: Path) -> list[str]:
@@ -54,11 +42,13 @@ def test_prep_sh_runs_mpi_ranks_on_two_nodes(slurm_cluster, corpus, tmp_path):
         if state == "COMPLETED" or PMI2_GARBLED not in log or attempt == 3:
             break
         warnings.warn(
-            f"job {job}: Slurm's pmi2 plugin garbled a PMI message; rerunning it (the rerun resumes)",
+            f"job {job}: Slurm's pmi2 plugin garbled a PMI message; rerunning it "
+            "(the rerun resumes)",
             stacklevel=1,
         )
     assert state == "COMPLETED", log
     assert "on 2 worker(s) (MPI ranks)" in log and "documents out" in log
+    assert prep_summaries(log) == 1, log  # rank 0 alone prints the closing line
     assert output_bytes(out) == output_bytes(corpus / "ref")
 
 
@@ -75,4 +65,5 @@ def test_prep_sh_as_a_job_array(slurm_cluster, corpus, tmp_path):
     assert slurm_cluster.wait(job, timeout=240) == "COMPLETED"
     logs = "".join(p.read_text() for p in sorted(tmp_path.glob("array-*.out")))
     assert "on 2 worker(s) (Slurm array tasks)" in logs, logs
+    assert prep_summaries(logs) == 1, logs  # task 0 alone prints the closing line
     assert output_bytes(out) == output_bytes(corpus / "ref")

@@ -11,33 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from data_prep.pipeline import PrepOptions, run_prep
 from megatrain.shards import Dataset, ShardError
-from tests.helpers import REPO, planted_corpus
-from tests.unit.test_prep import PLANTED_RECIPE
+from tests.helpers import REPO, output_bytes, planted_reference
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 
 
-def output_bytes(out: Path) -> dict[str, bytes]:
-    """The files a trainer reads: manifest, tokenizer, shards."""
-    names = ["manifest.json", "tokenizer.json", *sorted(p.name for p in out.glob("shard-*.arrow"))]
-    return {name: (out / name).read_bytes() for name in names}
-
-
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
     """The planted corpus, its recipe, and the output of a plain 1-process run."""
-    root = tmp_path_factory.mktemp("planted")
-    planted_corpus(root / "raw")
-    (root / "recipe.yaml").write_text(PLANTED_RECIPE)
-    run_prep(
-        PrepOptions(
-            inputs=[str(root / "raw")], out=str(root / "ref"), recipe=str(root / "recipe.yaml")
-        ),
-        log=lambda *_: None,
-    )
+    root = planted_reference(tmp_path_factory.mktemp("planted"))
     assert len(output_bytes(root / "ref")) >= 4
     return root
 
@@ -98,7 +82,8 @@ def test_kill_9_then_rerun_gives_the_same_bytes(planted, tmp_path, point):
     killed = run(
         prep_cmd(planted, out, "--workers", "2"), env={"MEGATRAIN_PREP_KILL_AT": point}, check=False
     )
-    # whichever process passes the point first dies: rank 0 (-9), or a worker, which rank 0 reports (2)
+    # whichever process passes the point first dies: rank 0 (-9), or a worker, which rank 0
+    # reports (2)
     assert killed.returncode in (-signal.SIGKILL, 2), killed.stderr
     with pytest.raises(ShardError):  # nothing a trainer could take for a whole dataset
         Dataset(out)

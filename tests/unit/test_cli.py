@@ -1,11 +1,13 @@
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
 from megatrain.cli import build_parser, main
-from tests.helpers import REPO
+from megatrain.shards import Dataset
+from tests.helpers import REPO, corpus_sample, prep_summaries
 
 
 def run_cli(*args):
@@ -68,3 +70,52 @@ def test_docs_config_md_is_up_to_date():
     assert (REPO / "docs" / "config.md").read_text() == config_reference(), (
         "run `megatrain config-doc --out docs/config.md`"
     )
+
+
+# What Slurm sets for task `rank` of 2: in a job array, and in an srun step without MPI.
+SLURM_TASK = {
+    "array": lambda rank: {
+        "SLURM_ARRAY_JOB_ID": "4242",
+        "SLURM_ARRAY_TASK_ID": str(rank),
+        "SLURM_ARRAY_TASK_COUNT": "2",
+        "SLURM_ARRAY_TASK_MIN": "0",
+    },
+    "srun": lambda rank: {
+        "SLURM_JOB_ID": "4242",
+        "SLURM_STEP_ID": "0",
+        "SLURM_PROCID": str(rank),
+        "SLURM_NTASKS": "2",
+        "SLURM_LOCALID": str(rank),
+    },
+}
+
+
+@pytest.mark.parametrize("launcher", ["array", "srun"])
+def test_slurm_tasks_print_one_summary(tmp_path, launcher):
+    """Both tasks run at once, as Slurm starts them; only rank 0 prints the closing line."""
+    raw = corpus_sample(tmp_path / "raw", docs_per_language=10)
+    out = tmp_path / "out"
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SLURM_", "PMI", "OMPI_", "MPI_")) and k not in ("RANK", "WORLD_SIZE")
+    }
+    cmd = [sys.executable, "-m", "megatrain.cli", "prep", str(raw), "--out", str(out)]
+    tasks = [
+        subprocess.Popen(
+            [*cmd, "--vocab-size", "300"],
+            cwd=REPO,
+            env={**env, **SLURM_TASK[launcher](rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    outputs = [task.communicate(timeout=300) for task in tasks]
+    assert [task.returncode for task in tasks] == [0, 0], outputs
+    stdout = "".join(o for o, _ in outputs)
+    assert prep_summaries(stdout) == 1 and "on 2 worker(s)" in stdout
+    report = json.loads((out / "report.json").read_text())
+    assert Dataset(out).manifest.num_documents == report["docs_out"] > 0
+    assert report["workers"] == 2 and not (out / ".prep-work").exists()

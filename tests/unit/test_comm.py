@@ -6,8 +6,10 @@ import time
 import numpy as np
 import pytest
 
-from data_prep.comm import CommAborted, FileComm, detect_launcher
+from data_prep import PrepError, PrepOptions, run_prep
+from data_prep.comm import CommAborted, FileComm
 from data_prep.global_dedup import exact_duplicates, near_duplicates
+from megatrain.dist import DistEnv
 
 
 def run_ranks(directory, size, fn):
@@ -73,13 +75,22 @@ def test_a_rank_that_dies_silently_is_noticed(tmp_path, monkeypatch):
 
 
 def test_launcher_detection():
-    assert detect_launcher({}) == "local"
-    assert detect_launcher({"PMI_RANK": "0", "PMI_SIZE": "2"}) == "mpi"
-    assert (
-        detect_launcher({"SLURM_ARRAY_TASK_ID": "3", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "1"})
-        == "array"
-    )
-    assert detect_launcher({"SLURM_STEP_ID": "0", "SLURM_NTASKS": "4"}) == "srun"
-    assert (
-        detect_launcher({"SLURM_JOB_ID": "1", "SLURM_NTASKS": "4"}) == "local"
-    )  # the batch script itself
+    def launcher(environ):
+        env = DistEnv.from_environ(environ, arrays_are_ranks=True)
+        return env.launcher, env.rank, env.world_size
+
+    assert launcher({}) == ("local", 0, 1)
+    assert launcher({"PMI_RANK": "0", "PMI_SIZE": "2"}) == ("mpi", 0, 2)
+    array = {"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "4"}
+    assert launcher({**array, "SLURM_STEP_ID": "0", "SLURM_NTASKS": "1"}) == ("array", 3, 4)
+    srun = {"SLURM_STEP_ID": "0", "SLURM_NTASKS": "4", "SLURM_PROCID": "2"}
+    assert launcher(srun) == ("srun", 2, 4)
+    # the batch script itself
+    assert launcher({"SLURM_JOB_ID": "1", "SLURM_NTASKS": "4"}) == ("local", 0, 1)
+
+
+def test_torchrun_is_not_a_prep_launcher(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(PrepError, match="not run under torchrun.*--workers N, mpiexec, srun"):
+        run_prep(PrepOptions(inputs=[str(tmp_path)], out=str(tmp_path / "out")))

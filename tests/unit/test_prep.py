@@ -4,25 +4,11 @@ import json
 import numpy as np
 import pytest
 
-from data_prep.pipeline import PrepError, PrepOptions, run_prep
+from data_prep import PrepError, PrepOptions, run_prep
 from data_prep.readers import InputError
 from data_prep.tokenizer import FastEncoder, TokenizerError, load_tokenizer, to_tiktoken
 from megatrain.shards import Dataset
-from tests.helpers import REPO, corpus_sample, planted_corpus
-
-# The planted corpus' recipe: every stage on, the language filter early so that the German spam
-# document is caught by it (not by the stop-word rule), tiny units so files are cut in several.
-PLANTED_RECIPE = """
-read: {max_doc_chars: 1000000, unit_mb: 0.02}
-filters:
-  - {name: length, min_chars: 200}
-  - {name: language, languages: [en, fr]}
-  - {name: quality}
-  - {name: repetition}
-dedup: {exact: true, near: {enabled: true}}
-tokenizer: {vocab_size: 1024}
-output: {shard_tokens: 60000}
-"""
+from tests.helpers import PLANTED_RECIPE, REPO, corpus_sample, planted_corpus
 
 
 def quiet(*_):

@@ -7,10 +7,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data_prep.pipeline import PrepError, PrepOptions, assign_units, run_prep
+from data_prep import PrepError, PrepOptions, run_prep
+from data_prep.launch import acquire_lock
+from data_prep.pipeline import assign_units
 from data_prep.readers import Unit, plan_units, read_documents, read_unit
-from data_prep.recipe import RecipeError, load_recipe, parse_recipe
-from data_prep.workdir import acquire_lock
+from data_prep.recipe import load_recipe, parse_recipe
+from megatrain.schema import ConfigError
 
 
 def collect(unit, **kw):
@@ -76,21 +78,21 @@ def test_parquet_row_groups_become_units(tmp_path):
 
 def test_recipe_refuses_unknown_keys_by_name(tmp_path):
     with pytest.raises(
-        RecipeError,
+        ConfigError,
         match="unknown key 'dedup.near.shingle'; did you mean 'dedup.near.shingle_size'",
     ):
         parse_recipe({"dedup": {"near": {"shingle": 3}}})
-    with pytest.raises(RecipeError, match="'output.shard_tokens' should be a number"):
+    with pytest.raises(ConfigError, match="'output.shard_tokens' should be a number"):
         parse_recipe({"output": {"shard_tokens": "lots"}})
     assert parse_recipe({"dedup": {"near": True}}).dedup.near.enabled
-    with pytest.raises(RecipeError, match=r"filters\[0\] \(quality\).*min_word"):
+    with pytest.raises(ConfigError, match=r"filters\[0\] \(quality\).*min_word"):
         parse_recipe({"filters": [{"name": "quality", "min_word": 3}]})
-    with pytest.raises(RecipeError, match="not a multiple of bands"):
+    with pytest.raises(ConfigError, match="not a multiple of bands"):
         parse_recipe({"dedup": {"near": {"num_perm": 100, "bands": 14}}})
     recipe = parse_recipe({"dedup": {"near": {"enabled": True, "num_perm": 128, "bands": 16}}})
     assert recipe.dedup.near.rows == 8 and recipe.tokenizer.special_tokens[0] == "<|endoftext|>"
     (tmp_path / "r.yaml").write_text("filters: [\n")
-    with pytest.raises(RecipeError, match="r.yaml is not valid YAML"):
+    with pytest.raises(ConfigError, match="r.yaml: invalid YAML"):
         load_recipe(tmp_path / "r.yaml")
     assert len(load_recipe("configs/data/fr-en.yaml").build_filters()) == 4
 
