@@ -197,7 +197,8 @@ def main() -> None:
 
 
 def prep_end_to_end(texts, tok_file: Path, tmp: Path) -> tuple[float, int]:
-    from data_prep import PrepOptions, run_prep
+    from data_prep.launch import run_prep
+    from data_prep.state import PrepOptions
 
     raw, recipe = tmp / "raw.jsonl", tmp / "recipe.yaml"
     if not raw.exists():

@@ -25,7 +25,8 @@ EXAMPLES = """examples:
 
 
 def cmd_prep(args) -> int:
-    from data_prep import PrepOptions, run_prep
+    from data_prep.launch import run_prep
+    from data_prep.state import PrepOptions
 
     report = run_prep(
         PrepOptions(

@@ -20,7 +20,8 @@ os.environ.setdefault("MEGATRAIN_CONFIGS", str(REPO / "configs"))
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory) -> Path:
     """A prepared dataset (vocab 512, several shards) from a sample of the bundled corpus."""
-    from data_prep import PrepOptions, run_prep
+    from data_prep.launch import run_prep
+    from data_prep.state import PrepOptions
 
     root = tmp_path_factory.mktemp("tiny_dataset")
     inputs = corpus_sample(root / "raw")

@@ -216,7 +216,8 @@ output: {shard_tokens: 60000}
 def planted_reference(root: Path) -> Path:
     """root/raw (the planted corpus), root/recipe.yaml (PLANTED_RECIPE) and root/ref, the
     output of a plain 1-process prep of them: what any parallel run must reproduce."""
-    from data_prep import PrepOptions, run_prep
+    from data_prep.launch import run_prep
+    from data_prep.state import PrepOptions
 
     planted_corpus(root / "raw")
     (root / "recipe.yaml").write_text(PLANTED_RECIPE)

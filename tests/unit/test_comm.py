@@ -6,9 +6,10 @@ import time
 import numpy as np
 import pytest
 
-from data_prep import PrepError, PrepOptions, run_prep
 from data_prep.comm import CommAborted, FileComm
 from data_prep.global_dedup import exact_duplicates, near_duplicates
+from data_prep.launch import run_prep
+from data_prep.state import PrepError, PrepOptions
 from megatrain.dist import DistEnv
 
 

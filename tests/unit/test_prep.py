@@ -4,8 +4,9 @@ import json
 import numpy as np
 import pytest
 
-from data_prep import PrepError, PrepOptions, run_prep
+from data_prep.launch import run_prep
 from data_prep.readers import InputError
+from data_prep.state import PrepError, PrepOptions
 from data_prep.tokenizer import FastEncoder, TokenizerError, load_tokenizer, to_tiktoken
 from megatrain.shards import Dataset
 from tests.helpers import PLANTED_RECIPE, REPO, corpus_sample, planted_corpus

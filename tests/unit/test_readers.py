@@ -7,11 +7,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data_prep import PrepError, PrepOptions, run_prep
-from data_prep.launch import acquire_lock
+from data_prep.launch import acquire_lock, run_prep
 from data_prep.pipeline import assign_units
 from data_prep.readers import Unit, plan_units, read_documents, read_unit
 from data_prep.recipe import load_recipe, parse_recipe
+from data_prep.state import PrepError, PrepOptions
 from megatrain.schema import ConfigError
 
 
