@@ -1,4 +1,4 @@
-"""Training throughput on one device: megatrain (DeepSpeed engine) against a plain PyTorch loop.
+r"""Training throughput on one device: megatrain (DeepSpeed engine) against a plain PyTorch loop.
 
 Both sides train the same model (megatrain.model.Transformer) on the same random batches:
 
@@ -9,8 +9,10 @@ Both sides train the same model (megatrain.model.Transformer) on the same random
 Prints one JSON object: tokens/s, MFU (against the detected device's dense peak), step time and
 peak memory for each, and megatrain / reference. Run on a GPU node, e.g.:
 
-    TORCH_CUDA_ARCH_LIST=9.0 python bench/train_throughput.py --model gpt2-124m --seq-len 1024 --micro-batch 16
-    TORCH_CUDA_ARCH_LIST=9.0 python bench/train_throughput.py --model gpt2-1.3b --seq-len 2048 --micro-batch 8
+    TORCH_CUDA_ARCH_LIST=9.0 python bench/train_throughput.py \
+        --model gpt2-124m --seq-len 1024 --micro-batch 16
+    TORCH_CUDA_ARCH_LIST=9.0 python bench/train_throughput.py \
+        --model gpt2-1.3b --seq-len 2048 --micro-batch 8
 
 (`--device cpu --model tiny` runs it anywhere, for a smoke check.)
 """

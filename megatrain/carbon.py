@@ -1,7 +1,8 @@
 """Carbon calculator: IT energy -> facility energy (PUE) -> CO2e (grid intensity), shown in full.
 
 Inside:
-  estimate(...)            GPU-hours x power, or measured kWh -> CarbonResult (with a filled-in formula)
+  estimate(...)            GPU-hours x power, or measured kWh -> CarbonResult
+                           (with a filled-in formula)
   CarbonResult             energy_kwh_it, energy_kwh_facility, co2_kg (facility), co2_kg_it, formula
   render_text, to_dict     the result as the CLI prints it / as JSON
   implied_intensity_g_per_kwh   what intensity a published (CO2, energy) pair implies
@@ -9,7 +10,8 @@ Inside:
                            each with its inputs, the published outputs, and notes on discrepancies
   reproduce(case)          run a case: our numbers next to the published ones
   render_published, published_dicts   all cases as `megatrain carbon --published` prints them
-  resolve_inputs(...)      flags + an optional cluster profile -> estimate() kwargs, with where each came from
+  resolve_inputs(...)      flags + an optional cluster profile -> estimate() kwargs,
+                           with where each came from
 
 Grid intensity is an input, not a constant: it depends on the country, the year and the
 method (annual average, location- vs market-based). The default is France's, as the BLOOM
@@ -76,7 +78,10 @@ def estimate(
             raise ValueError(f"{name} must be >= 0, got {value}")
     if gpu_hours is not None:
         energy_kwh = gpu_hours * gpu_power_w / 1000.0
-        line_it = f"IT energy       = {_n(gpu_hours)} GPU-h x {_n(gpu_power_w)} W / 1000 = {_n(energy_kwh)} kWh"
+        line_it = (
+            f"IT energy       = {_n(gpu_hours)} GPU-h x {_n(gpu_power_w)} W / 1000"
+            f" = {_n(energy_kwh)} kWh"
+        )
     else:
         line_it = f"IT energy       = {_n(energy_kwh)} kWh (given)"
     kwh_facility = _facility_kwh(energy_kwh * 3.6e6, pue)  # checks PUE >= 1
@@ -88,7 +93,8 @@ def estimate(
             line_it,
             f"facility energy = {_n(energy_kwh)} kWh x PUE {_n(pue)} = {_n(kwh_facility)} kWh",
             (
-                f"CO2e (facility) = {_n(kwh_facility)} kWh x {g} gCO2e/kWh / 1000 = {_n(co2_facility)} kg"
+                f"CO2e (facility) = {_n(kwh_facility)} kWh x {g} gCO2e/kWh / 1000"
+                f" = {_n(co2_facility)} kg"
                 f" ({_n(co2_facility / 1000)} t)"
             ),
             (
@@ -131,7 +137,10 @@ def render_text(r: CarbonResult) -> str:
         [
             f"energy (IT)       {_n(r.energy_kwh_it)} kWh",
             f"energy (facility) {_n(r.energy_kwh_facility)} kWh   (PUE {_n(r.pue)})",
-            f"CO2e              {_n(r.co2_kg)} kg   ({_n(r.intensity_g_per_kwh)} gCO2e/kWh, facility energy)",
+            (
+                f"CO2e              {_n(r.co2_kg)} kg   "
+                f"({_n(r.intensity_g_per_kwh)} gCO2e/kWh, facility energy)"
+            ),
             f"CO2e (IT only)    {_n(r.co2_kg_it)} kg",
             "",
             r.formula,
@@ -174,27 +183,34 @@ PUBLISHED_CASES: dict[str, PublishedCase] = {
             },
             published={"energy_kwh_it": 433_196, "co2_kg_it": 24_690},
             notes=(
-                "433 MWh = 1,082,990 GPU-h x 400 W (A100 TDP): IT energy, the paper's 'dynamic' consumption.",
                 (
-                    "The paper's 24.7 t is computed on IT energy although its comparison table lists PUE 1.2 "
-                    "for BLOOM; with the PUE the same energy gives 29.6 t (~30 t)."
+                    "433 MWh = 1,082,990 GPU-h x 400 W (A100 TDP): IT energy, "
+                    "the paper's 'dynamic' consumption."
                 ),
                 (
-                    "The paper's 50.5 t total adds idle/infrastructure (14.6 t) and embodied (11.2 t) "
-                    "emissions, which this calculator does not model."
+                    "The paper's 24.7 t is computed on IT energy although its comparison table "
+                    "lists PUE 1.2 for BLOOM; with the PUE the same energy gives 29.6 t (~30 t)."
+                ),
+                (
+                    "The paper's 50.5 t total adds idle/infrastructure (14.6 t) and embodied "
+                    "(11.2 t) emissions, which this calculator does not model."
                 ),
             ),
         ),
         PublishedCase(
             "gopher-280b",
             "Gopher 280B (TPUv3)",
-            "Row quoted from Luccioni et al. 2022 (comparison table); PUE-inclusive 380 t as in the deck",
+            (
+                "Row quoted from Luccioni et al. 2022 (comparison table); "
+                "PUE-inclusive 380 t as in the deck"
+            ),
             inputs={"energy_kwh": 1_066_000, "pue": 1.08, "intensity_g_per_kwh": 330},
             published={"co2_kg_it": 352_000, "co2_kg": 380_000},
             notes=(
                 "1,066 MWh x 0.330 = 351.8 t and x 1.08 = 379.9 t: so 1,066 MWh is IT energy.",
                 (
-                    "352 t (BLOOM paper's table, printed next to PUE 1.08) leaves the PUE out; 380 t includes it. "
+                    "352 t (BLOOM paper's table, printed next to PUE 1.08) leaves the PUE out; "
+                    "380 t includes it. "
                     "Both are right for what they count; quote the facility figure."
                 ),
             ),
@@ -209,12 +225,14 @@ PUBLISHED_CASES: dict[str, PublishedCase] = {
             published={"energy_kwh_facility": 1_287_000, "co2_kg": 552_000, "co2_kg_it": 502_000},
             notes=(
                 (
-                    "Patterson et al. multiply by PUE before quoting MWh: 1,287 MWh is facility energy "
+                    "Patterson et al. multiply by PUE before quoting MWh: "
+                    "1,287 MWh is facility energy "
                     "(1,170 MWh IT), and 1,287 MWh x 0.429 = 552 t."
                 ),
                 (
-                    "Discrepancy: the BLOOM paper's table prints 1,287 MWh (PUE-included) but 502 t, which is "
-                    "1,170 MWh (IT) x 0.429: CO2 on IT energy like its other rows, energy column not. "
+                    "Discrepancy: the BLOOM paper's table prints 1,287 MWh (PUE-included) "
+                    "but 502 t, which is 1,170 MWh (IT) x 0.429: CO2 on IT energy like its other "
+                    "rows, energy column not. "
                     "Both numbers are kept here as published; neither is forced."
                 ),
             ),
@@ -231,14 +249,19 @@ PUBLISHED_CASES: dict[str, PublishedCase] = {
             },
             published={"co2_kg": 420_000},
             notes=(
-                "The card gives no intensity; 420 t / (1.46M h x 0.7 kW = 1,022 MWh) implies ~411 g/kWh.",
                 (
-                    "The card calls 700 W 'peak power capacity per GPU, adjusted for power usage efficiency' "
-                    "yet lists exactly the H100 TDP: PUE 1 is implied (or folded into the intensity)."
+                    "The card gives no intensity; 420 t / (1.46M h x 0.7 kW = 1,022 MWh) "
+                    "implies ~411 g/kWh."
+                ),
+                (
+                    "The card calls 700 W 'peak power capacity per GPU, adjusted for power usage "
+                    "efficiency' yet lists exactly the H100 TDP: PUE 1 is implied "
+                    "(or folded into the intensity)."
                 ),
                 (
                     "TDP x hours counts GPUs at full power only (no CPUs, network, storage). "
-                    "Market-based emissions are reported as 0 t (renewable matching), not modelled here."
+                    "Market-based emissions are reported as 0 t (renewable matching), "
+                    "not modelled here."
                 ),
             ),
         ),
@@ -268,7 +291,8 @@ def resolve_inputs(
     intensity: float | None = None,
     cluster=None,
 ) -> tuple[dict, dict[str, str]]:
-    """estimate() kwargs from command-line values and an optional cluster profile, and the source of each.
+    """estimate() kwargs from command-line values and an optional cluster profile, and the
+    source of each.
 
     Explicit values win; then the profile (`pue`, `carbon_intensity_g_per_kwh`, and for the power
     `device_power_w` or its accelerator's board power); then PUE 1 and the BLOOM paper's France
@@ -339,7 +363,8 @@ def _amount(field_name: str, value: float) -> str:
 
 
 def render_published() -> str:
-    """The published cases recomputed: our numbers, each published figure next to ours, the formulas, notes."""
+    """The published cases recomputed: our numbers, each published figure next to ours, the
+    formulas, notes."""
     head = (
         f"{'case':<13}{'IT energy':>11}{'PUE':>6}{'facility':>11}{'gCO2e/kWh':>11}"
         f"{'CO2e IT':>10}{'CO2e facility':>15}"

@@ -3,7 +3,8 @@
     RUN_DIR/checkpoints/
       step00000200/                 DeepSpeed's files (model, optimizer shards per rank)
         rng-rank00000.pt            each rank's RNG states
-        megatrain-checkpoint.json   step, the trainer's parts' state, config, layout, a sha256 per file
+        megatrain-checkpoint.json   step, the trainer's parts' state, config, layout,
+                                    a sha256 per file
       step00000200-universal/       the same in DeepSpeed's universal format, made when a resume
                                     changed the parallel layout
       latest                        name of the newest complete checkpoint
@@ -161,7 +162,8 @@ def _hash_files(folder: Path, names: list[str]) -> dict:
 
 
 def prune(ckpt_dir: Path, keep: int, keep_every: int = 0) -> None:
-    """Delete all but the newest `keep` complete checkpoints, sparing the steps that are multiples of `keep_every`."""
+    """Delete all but the newest `keep` complete checkpoints, sparing the steps that are
+    multiples of `keep_every`."""
     tags = complete_tags(ckpt_dir)
     for tag in tags[:-keep] if keep > 0 else []:
         step = int(tag.removeprefix("step"))
@@ -181,7 +183,8 @@ def complete_tags(ckpt_dir: Path) -> list[str]:
 
 
 def verify(folder: Path) -> str | None:
-    """None if every file listed in the manifest is present with its size and sha256, else the problem."""
+    """None if every file listed in the manifest is present with its size and sha256, else the
+    problem."""
     manifest_path = folder / MANIFEST
     try:
         manifest = json.loads(manifest_path.read_text())
@@ -203,7 +206,8 @@ def verify(folder: Path) -> str | None:
 
 
 def find_resumable(ckpt_dir: str | os.PathLike, log=print) -> tuple[str, dict] | None:
-    """Newest checkpoint that verifies (collective), with its manifest; older ones are tried in turn."""
+    """Newest checkpoint that verifies (collective), with its manifest; older ones are tried in
+    turn."""
     ckpt_dir = Path(ckpt_dir)
     for tag in reversed(complete_tags(ckpt_dir)):
         problem = verify(ckpt_dir / tag)
@@ -214,8 +218,9 @@ def find_resumable(ckpt_dir: str | os.PathLike, log=print) -> tuple[str, dict] |
 
 
 def needs_universal(meta: dict, dp_size: int, tp_size: int, zero_stage: int) -> bool:
-    """A ZeRO checkpoint shards optimizer state by data-parallel rank: another layout must go through
-    DeepSpeed's universal format. (ZeRO-0 keeps whole states and loads at any data-parallel size.)"""
+    """A ZeRO checkpoint shards optimizer state by data-parallel rank: another layout must go
+    through DeepSpeed's universal format. (ZeRO-0 keeps whole states and loads at any
+    data-parallel size.)"""
     saved = meta.get("layout", {})
     if (
         not saved

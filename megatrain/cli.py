@@ -137,7 +137,8 @@ def cmd_submit(args) -> int:
         print(f"megatrain submit: job {job.job_id} failed:\n{e}", file=sys.stderr)
         return 1
     print(
-        f"megatrain submit: job {job.job_id} {'stopped' if summary['interrupted'] else 'finished'} at step "
+        f"megatrain submit: job {job.job_id} "
+        f"{'stopped' if summary['interrupted'] else 'finished'} at step "
         f"{summary['steps']}; run directory {summary['run_dir']}"
     )
     return 0
@@ -298,7 +299,8 @@ def add_submit(sub) -> None:
         "local processes. For plain sbatch, see slurm/pretrain.sh.",
         epilog="examples:\n"
         "  megatrain submit configs/my-run.yaml --cluster jean-zay-h100 --nodes 4 --account xyz\n"
-        "  megatrain submit configs/my-run.yaml --cluster jean-zay-a100 --time 2:00:00 --qos dev --dry-run\n"
+        "  megatrain submit configs/my-run.yaml --cluster jean-zay-a100 --time 2:00:00 "
+        "--qos dev --dry-run\n"
         "  megatrain submit configs/tiny.yaml --executor local --tasks-per-node 2 --wait",
     )
     p.add_argument("config", help="run config YAML")
@@ -356,13 +358,15 @@ def add_carbon(sub) -> None:
         "carbon",
         help="energy and CO2e of a training run, with the arithmetic shown",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="IT energy (GPU-hours x power per GPU, or measured kWh) x PUE = facility energy; "
-        "x grid intensity = CO2e. Prints both the facility and the IT-only CO2e, since "
+        description="IT energy (GPU-hours x power per GPU, or measured kWh) x PUE = facility "
+        "energy; x grid intensity = CO2e. Prints both the facility and the IT-only CO2e, since "
         "published tables mix them. --cluster takes PUE, intensity and power from "
         "configs/clusters/NAME.yaml; explicit flags win.",
         epilog="examples:\n"
-        "  megatrain carbon --gpu-hours 1082990 --gpu-power-w 400 --pue 1.2 --intensity 57   # BLOOM\n"
-        "  megatrain carbon --energy-kwh 1066000 --pue 1.08 --intensity 330 --json          # Gopher\n"
+        "  megatrain carbon --gpu-hours 1082990 --gpu-power-w 400 --pue 1.2 --intensity 57"
+        "   # BLOOM\n"
+        "  megatrain carbon --energy-kwh 1066000 --pue 1.08 --intensity 330 --json"
+        "          # Gopher\n"
         "  megatrain carbon --gpu-hours 5000 --cluster local\n"
         "  megatrain carbon --published     # BLOOM, Gopher, GPT-3, Llama 3.1 8B recomputed",
     )
@@ -382,7 +386,8 @@ def add_carbon(sub) -> None:
         "--intensity",
         type=float,
         metavar="G",
-        help="grid intensity in gCO2e/kWh (default 57, France per the BLOOM paper, or the cluster profile's)",
+        help="grid intensity in gCO2e/kWh (default 57, France per the BLOOM paper, "
+        "or the cluster profile's)",
     )
     p.add_argument(
         "--cluster",
@@ -424,7 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="megatrain",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=EXAMPLES,
-        description="Pretrain GPT-style language models: prepare data, train with DeepSpeed, report cost.",
+        description="Pretrain GPT-style language models: prepare data, train with DeepSpeed, "
+        "report cost.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in SUBCOMMANDS:

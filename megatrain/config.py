@@ -32,7 +32,8 @@ class ModelConfig:
     """Shape of the decoder-only transformer (see megatrain/model.py)."""
 
     preset: str | None = None
-    """Name of a file in configs/models/ (e.g. `gopher-117m`); fields set here override the preset's."""
+    """Name of a file in configs/models/ (e.g. `gopher-117m`); fields set here override
+    the preset's."""
     vocab_size: int = 0
     """Vocabulary size; 0 takes it from the dataset manifest (rounded up to `vocab_multiple`)."""
     vocab_multiple: int = 64
@@ -46,7 +47,8 @@ class ModelConfig:
     d_model: int = 128
     """Width of the residual stream."""
     d_ff: int = 0
-    """Hidden width of the MLP; 0 derives it: 4*d_model for GELU, 8/3*d_model (rounded to 64) for SwiGLU."""
+    """Hidden width of the MLP; 0 derives it: 4*d_model for GELU, 8/3*d_model (rounded to 64)
+    for SwiGLU."""
     mlp: Literal["swiglu", "gelu"] = "swiglu"
     """MLP type: LLaMA's gated SwiGLU or GPT-2's GELU."""
     norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
@@ -64,7 +66,8 @@ class ModelConfig:
     dropout: float = 0.0
     """Dropout on attention and residual branches (0 for pretraining at scale)."""
     init_std: float = 0.02
-    """Standard deviation of the normal weight init; output projections are scaled by 1/sqrt(2*n_layer)."""
+    """Standard deviation of the normal weight init; output projections are scaled by
+    1/sqrt(2*n_layer)."""
 
 
 @dataclass
@@ -82,7 +85,8 @@ class DataConfig:
     """What the model reads and how it is cut into samples."""
 
     sources: list[DataSource] = field(default_factory=list)
-    """Datasets to train on, e.g. `[{path: data/demo}]`; override one path with `data.sources.0.path=DIR`."""
+    """Datasets to train on, e.g. `[{path: data/demo}]`; override one path with
+    `data.sources.0.path=DIR`."""
     seq_len: int = 1024
     """Context length in tokens; documents are packed back to back, separated by EOS."""
     val_fraction: float = 0.005
@@ -124,7 +128,8 @@ class BatchConfig:
     micro_batch: int = 8
     """Sequences per GPU (or CPU process) per forward/backward."""
     grad_accum: int = 0
-    """Micro-batches accumulated per optimizer step; 0 derives it from `global_batch` or `global_tokens`."""
+    """Micro-batches accumulated per optimizer step; 0 derives it from `global_batch` or
+    `global_tokens`."""
     global_batch: int = 0
     """Sequences per optimizer step over all ranks; 0 derives it."""
     global_tokens: int = 0
@@ -160,7 +165,8 @@ class RunConfig:
     max_tokens: float = 0
     """Token budget; used when `max_steps` is 0."""
     stop_at_step: int = 0
-    """Stop with a checkpoint after this step even if the schedule is longer (0: run to max_steps); for time-boxed jobs."""
+    """Stop with a checkpoint after this step even if the schedule is longer
+    (0: run to max_steps); for time-boxed jobs."""
     seed: int = 1234
     """Seed for weights and data order; same seed, data and config give the same losses."""
     log_every: int = 10
@@ -180,19 +186,23 @@ class RunConfig:
     compile: bool = False
     """Wrap the model in torch.compile (GPU)."""
     max_restarts: int = 100
-    """Most times a Slurm job requeues itself after a time-limit warning (SLURM_RESTART_COUNT); 100 x 20 h jobs is ~12 weeks."""
+    """Most times a Slurm job requeues itself after a time-limit warning (SLURM_RESTART_COUNT);
+    100 x 20 h jobs is ~12 weeks."""
 
 
 @dataclass
 class GuardConfig:
-    """Stability guard: skip non-finite updates, flag loss spikes, roll back after repeated trouble."""
+    """Stability guard: skip non-finite updates, flag loss spikes, roll back after repeated
+    trouble."""
 
     spike_window: int = 100
     """Recent steps whose losses the spike detector compares each new loss against."""
     spike_zscore: float = 6.0
-    """A loss this many standard deviations above the window's mean is a spike (0 disables spike detection)."""
+    """A loss this many standard deviations above the window's mean is a spike
+    (0 disables spike detection)."""
     max_bad_steps: int = 3
-    """Bad steps (non-finite or spike) in a row before rolling back to the last checkpoint (0: never roll back)."""
+    """Bad steps (non-finite or spike) in a row before rolling back to the last checkpoint
+    (0: never roll back)."""
     max_rollbacks: int = 5
     """Rollbacks allowed in one job before the run stops with an error."""
 
@@ -211,42 +221,50 @@ class WandbConfig:
 
 @dataclass
 class SlurmOptions:
-    """How to ask this cluster's Slurm for nodes (used by `megatrain submit`; slurm/pretrain.sh shows the same flags)."""
+    """How to ask this cluster's Slurm for nodes (used by `megatrain submit`;
+    slurm/pretrain.sh shows the same flags)."""
 
     partition: str = ""
-    """`--partition`; empty: the cluster's default (Jean Zay picks its GPU partitions from `constraint`)."""
+    """`--partition`; empty: the cluster's default (Jean Zay picks its GPU partitions from
+    `constraint`)."""
     constraint: str = ""
     """`-C/--constraint`, e.g. `v100-32g`, `a100`, `h100` on Jean Zay."""
     account_suffix: str = ""
     """Appended to a project name to make `--account`: `xyz` -> `xyz@h100` on Jean Zay."""
     qos: dict[str, str] = field(default_factory=dict)
-    """QoS names by short name, e.g. `{dev: qos_gpu_h100-dev, t3: qos_gpu_h100-t3, t4: qos_gpu_h100-t4}`."""
+    """QoS names by short name, e.g.
+    `{dev: qos_gpu_h100-dev, t3: qos_gpu_h100-t3, t4: qos_gpu_h100-t4}`."""
     qos_max_hours: dict[str, float] = field(default_factory=dict)
     """Longest job each QoS accepts (same keys as `qos`), e.g. `{dev: 2, t3: 20, t4: 100}`."""
     default_qos: str = ""
-    """QoS used when none is asked for; a longer job gets the shortest non-dev QoS that fits its time."""
+    """QoS used when none is asked for; a longer job gets the shortest non-dev QoS that fits its
+    time."""
     cpus_per_task: int = 1
     """`--cpus-per-task` of one task (one GPU): the node's cores divided by its GPUs."""
     hint: str = ""
     """`--hint`, e.g. `nomultithread` (one task thread per physical core)."""
     signal_s: int = 300
-    """Warning before the time limit (`--signal=USR1@N`), to finish a step and save; Slurm may send it up to a minute earlier."""
+    """Warning before the time limit (`--signal=USR1@N`), to finish a step and save; Slurm may
+    send it up to a minute earlier."""
     extra: list[str] = field(default_factory=list)
     """Further sbatch options as on the command line, e.g. `[--exclusive]`."""
 
 
 @dataclass
 class ClusterProfile:
-    """A machine the run executes on (configs/clusters/<name>.yaml): what MFU and CO2 are computed against."""
+    """A machine the run executes on (configs/clusters/<name>.yaml): what MFU and CO2 are
+    computed against."""
 
     name: str = "local"
     """Profile name (the file's stem)."""
     description: str = ""
     """One line about the machine."""
     accelerator: str = "cpu"
-    """Device model, a key of megatrain/hardware.py's table (e.g. `H100-SXM`, `A100-SXM-80GB`, `V100-SXM2-32GB`, `cpu`)."""
+    """Device model, a key of megatrain/hardware.py's table (e.g. `H100-SXM`, `A100-SXM-80GB`,
+    `V100-SXM2-32GB`, `cpu`)."""
     device_power_w: float = 0.0
-    """Power drawn per device (GPU board power, or per CPU process), used when energy cannot be measured; 0 takes the table's value."""
+    """Power drawn per device (GPU board power, or per CPU process), used when energy cannot be
+    measured; 0 takes the table's value."""
     peak_tflops: dict[str, float] = field(default_factory=dict)
     """Override of the device's dense peak TFLOP/s per precision, e.g. `{bf16: 989}`."""
     pue: float = 1.0
@@ -258,7 +276,8 @@ class ClusterProfile:
     cpus_per_node: int = 0
     """Physical CPU cores per node (hyperthreads not counted)."""
     modules: list[str] = field(default_factory=list)
-    """Environment modules a job loads (after `module purge`) before Python starts, e.g. `[arch/h100, pytorch-gpu/py3/2.7.0]`."""
+    """Environment modules a job loads (after `module purge`) before Python starts, e.g.
+    `[arch/h100, pytorch-gpu/py3/2.7.0]`."""
     setup: list[str] = field(default_factory=list)
     """Further shell lines a job runs before Python (activate a venv, export variables)."""
     slurm: SlurmOptions = field(default_factory=SlurmOptions)
@@ -295,7 +314,8 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """Parallelism."""
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
-    """Training precision: bf16 on A100/H100, fp16 (dynamic loss scaling) on V100, fp32 for exact CPU tests."""
+    """Training precision: bf16 on A100/H100, fp16 (dynamic loss scaling) on V100, fp32 for
+    exact CPU tests."""
     run: RunConfig = field(default_factory=RunConfig)
     """Run length and cadence."""
     guard: GuardConfig = field(default_factory=GuardConfig)
@@ -303,7 +323,8 @@ class Config:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     """Weights & Biases."""
     cluster: str = "local"
-    """Cluster profile, a file in configs/clusters/ (peak FLOPs, power, PUE, grid carbon intensity)."""
+    """Cluster profile, a file in configs/clusters/ (peak FLOPs, power, PUE, grid carbon
+    intensity)."""
 
     @property
     def run_dir(self) -> Path:
@@ -314,7 +335,8 @@ class Config:
 
 
 def configs_root() -> Path:
-    """The configs/ directory: $MEGATRAIN_CONFIGS, else ./configs, else the one beside the package."""
+    """The configs/ directory: $MEGATRAIN_CONFIGS, else ./configs, else the one beside the
+    package."""
     for candidate in (
         os.environ.get("MEGATRAIN_CONFIGS"),
         "configs",
@@ -431,12 +453,14 @@ def config_reference() -> str:
 
     def section(cls: type, prefix: str) -> None:
         docs = field_docs(cls)
+        # a docstring may wrap: each paragraph renders as one line, as it did unwrapped
+        intro = inspect.cleandoc(cls.__doc__ or "").split("\n\n")
         nested = []
         lines.extend(
             [
                 f"## `{prefix or 'top level'}`",
                 "",
-                inspect.cleandoc(cls.__doc__ or ""),
+                "\n\n".join(" ".join(paragraph.split()) for paragraph in intro),
                 "",
                 "| key | type | default | meaning |",
                 "| --- | --- | --- | --- |",
@@ -448,14 +472,16 @@ def config_reference() -> str:
             if dataclasses.is_dataclass(tp):
                 nested.append((tp, f"{prefix}.{f.name}" if prefix else f.name))
                 continue
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore
+            if f.default is not dataclasses.MISSING:
+                default = f.default
+            else:
+                default = f.default_factory()  # type: ignore
             tname = str(tp).replace("typing.", "").replace("megatrain.config.", "")
             tname = getattr(tp, "__name__", tname) if not typing.get_args(tp) else tname
             tname = tname.replace("|", "\\|")  # a bare | would end the Markdown cell
             key = f"{prefix}.{f.name}" if prefix else f.name
-            doc = " ".join(
-                docs.get(f.name, "").split()
-            )  # a docstring may wrap; a table row may not
+            # a docstring may wrap; a table row may not
+            doc = " ".join(docs.get(f.name, "").split())
             lines.append(f"| `{key}` | `{tname}` | `{default!r}` | {doc} |")
         lines.append("")
         if prefix == "data":

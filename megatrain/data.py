@@ -90,14 +90,16 @@ class PackedSamples:
         self.num_train = self.num_samples - self.num_val
         if self.num_train < 1:
             raise ValueError(
-                f"{dataset.directory}: {dataset.num_tokens} tokens make {self.num_samples} samples of "
-                f"{seq_len} tokens, none left for training; lower data.seq_len or add data"
+                f"{dataset.directory}: {dataset.num_tokens} tokens make {self.num_samples} "
+                f"samples of {seq_len} tokens, none left for training; lower data.seq_len or "
+                "add data"
             )
         self._split = Permutation(self.num_samples, seed)  # positions [0, num_val) are held out
         self._seed = seed
 
     def train_sample_ids(self, j: np.ndarray) -> np.ndarray:
-        """The j-th train sample of the run (j may exceed num_train: each epoch has its own order)."""
+        """The j-th train sample of the run (j may exceed num_train: each epoch has its own
+        order)."""
         j = np.asarray(j, dtype=np.int64)
         epochs, within = np.divmod(j, self.num_train)
         out = np.empty_like(j)
@@ -116,7 +118,8 @@ class PackedSamples:
 
 
 class Mixture:
-    """Interleaves datasets by weight: global sample g -> (dataset index, j-th sample of that dataset).
+    """Interleaves datasets by weight: global sample g -> (dataset index, j-th sample of that
+    dataset).
 
     The interleave repeats a fixed pattern of `period` slots in which dataset d gets its quota
     q_d = weight_d x period (largest remainders); slots are spread by smooth weighted round-robin,

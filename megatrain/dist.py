@@ -161,7 +161,8 @@ def init_process_group(env: DistEnv) -> torch.device:
         os.environ.setdefault(
             "DS_ACCELERATOR", "cpu"
         )  # say so, rather than let DeepSpeed warn it guessed
-    # DeepSpeed 0.19 calls a torch.distributed function that torch 2.13 deprecates; nothing for users to do
+    # DeepSpeed 0.19 calls a torch.distributed function that torch 2.13 deprecates; nothing for
+    # users to do
     warnings.filterwarnings(
         "ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning
     )

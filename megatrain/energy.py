@@ -3,7 +3,8 @@
 Inside:
   EnergySample            cumulative joules since the meter started, recent power, method
   EnergyMeter             the protocol: .method, .reason, .read() (cheap, call at each log step)
-  NvmlMeter               GPU energy counter via NVML (power integration where the counter is missing)
+  NvmlMeter               GPU energy counter via NVML (power integration where the counter
+                          is missing)
   RaplMeter               CPU package energy via Linux powercap (Intel RAPL; AMD Zen uses it too)
   EstimateMeter           fixed power x elapsed time, labelled "estimate"
   ZeroMeter               reports 0 J: for ranks whose energy another rank already counts
@@ -124,7 +125,8 @@ class NvmlMeter(_Cumulative):
         self.reason = (
             f"nvml: energy counter of GPU {', '.join(map(str, device_indices))}"
             if not integrated
-            else f"nvml: power integrated at each read (no energy counter) on GPU {', '.join(integrated)}"
+            else "nvml: power integrated at each read (no energy counter) "
+            f"on GPU {', '.join(integrated)}"
         )
 
     def _handle(self, device: int | str):
@@ -272,7 +274,8 @@ def make_meter(
     clock: Clock = time.monotonic,
 ) -> EnergyMeter:
     """The best meter for this process; never raises. `meter.reason` says what and why, e.g.
-    "energy: estimate (no NVML: ...; RAPL not readable: permission denied on ...); 35 W per process".
+    "energy: estimate (no NVML: ...; RAPL not readable: permission denied on ...);
+    35 W per process".
 
     device "cuda[:N]": NVML on this rank's GPU (N, else local_rank), else estimate. RAPL is not
     tried there: it would count the CPUs only and hide the GPUs, which dominate.
@@ -286,7 +289,8 @@ def make_meter(
             meter = NvmlMeter([nvml_dev], nvml=nvml, clock=clock)
             meter.reason = f"energy: {meter.reason} (cuda:{cuda_index} = NVML {nvml_dev})"
             return meter
-        except Exception as e:  # noqa: BLE001 -- ImportError, NVMLError (no driver/library): never raise
+        # ImportError, NVMLError (no driver/library): never raise
+        except Exception as e:  # noqa: BLE001
             tried.append(f"no NVML: {str(e) or type(e).__name__}")
     else:
         try:
@@ -306,7 +310,8 @@ def make_meter(
         fallback_power_w,
         clock=clock,
         reason=(
-            f"energy: estimate ({'; '.join(tried)}); {fallback_power_w:g} W per process from {fallback_source}"
+            f"energy: estimate ({'; '.join(tried)}); {fallback_power_w:g} W per process "
+            f"from {fallback_source}"
         ),
     )
 

@@ -49,9 +49,18 @@ _V100 = (
     "NVIDIA V100 Tensor Core GPU datasheet (2020): SXM2 15.7/125 TF, 300 W; PCIe 14/112 TF, 250 W"
 )
 _V100S = "NVIDIA V100S datasheet: PCIe 16.4 fp32 / 130 tensor TF, 250 W"
-_A100 = "NVIDIA A100 datasheet (2021): 19.5 fp32, 156 tf32, 312 bf16/fp16; SXM 400 W, PCIe 250 W (40GB) / 300 W (80GB)"
-_H100 = "NVIDIA H100 datasheet: SXM 67 / 989* / 1979*, up to 700 W; PCIe 51 / 756* / 1513*, 300-350 W; NVL 60 / 835* / 1671*, 350-400 W"
-_H200 = "NVIDIA H200 datasheet: SXM same compute as H100 SXM, up to 700 W; NVL 60 / 835* / 1671*, up to 600 W"
+_A100 = (
+    "NVIDIA A100 datasheet (2021): 19.5 fp32, 156 tf32, 312 bf16/fp16; "
+    "SXM 400 W, PCIe 250 W (40GB) / 300 W (80GB)"
+)
+_H100 = (
+    "NVIDIA H100 datasheet: SXM 67 / 989* / 1979*, up to 700 W; "
+    "PCIe 51 / 756* / 1513*, 300-350 W; NVL 60 / 835* / 1671*, 350-400 W"
+)
+_H200 = (
+    "NVIDIA H200 datasheet: SXM same compute as H100 SXM, up to 700 W; "
+    "NVL 60 / 835* / 1671*, up to 600 W"
+)
 
 # Volta has no TF32 and no BF16 units: None. peak_flops("tf32") falls back to fp32 there
 # (allow_tf32 on Volta just runs fp32); bf16 raises (use fp16 on V100).
@@ -147,7 +156,8 @@ def detect_accelerator(device_index: int | None = None) -> Accelerator:
 
 
 def peak_flops(accel: Accelerator, precision: str) -> float:
-    """Dense peak FLOP/s of `accel` in `precision` ("fp32", "tf32", "fp16", "bf16", or a dtype name)."""
+    """Dense peak FLOP/s of `accel` in `precision` ("fp32", "tf32", "fp16", "bf16", or a dtype
+    name)."""
     p = str(precision).lower().removeprefix("torch.")
     p = _ALIASES.get(p, p)
     if p not in PRECISIONS:

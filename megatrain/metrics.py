@@ -57,11 +57,17 @@ def resolve_peak(
         rough = ", rough" if accel.rough else ""
         return (
             flops,
-            f"{accel.name} dense {precision} peak {flops / 1e12:g} TFLOP/s (megatrain/hardware.py{rough})",
+            (
+                f"{accel.name} dense {precision} peak {flops / 1e12:g} TFLOP/s "
+                f"(megatrain/hardware.py{rough})"
+            ),
         )
     return (
         0.0,
-        f"no {precision} peak known for {detected.name}: MFU not reported (set peak_tflops in the cluster profile)",
+        (
+            f"no {precision} peak known for {detected.name}: MFU not reported "
+            "(set peak_tflops in the cluster profile)"
+        ),
     )
 
 
@@ -161,7 +167,8 @@ class StepMetrics:
         return sum(o - c for c, o, _ in self._marks), sum(e - o for _, o, e in self._marks)
 
     def collect(self, step: int, **extra) -> dict:
-        """One record for the steps since the last collect(); call on every rank at the same step."""
+        """One record for the steps since the last collect(); call on every rank at the same
+        step."""
         # synchronizes the GPU: the clock below is honest
         fwd_bwd_s, optimizer_s = self._phase_seconds()
         now = self.clock()

@@ -53,14 +53,16 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
 
 
 def rotary_tables(head_dim: int, seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotation angle for each position and frequency pair: (seq_len, head_dim/2)."""
+    """cos and sin of the rotation angle for each position and frequency pair:
+    (seq_len, head_dim/2)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
     return angles.cos(), angles.sin()
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each (even, odd) pair of features of x (B, heads, T, head_dim) by its position's angle."""
+    """Rotate each (even, odd) pair of features of x (B, heads, T, head_dim) by its position's
+    angle."""
     T = x.shape[-2]
     cos, sin = cos[:T].to(x.dtype), sin[:T].to(x.dtype)
     x1, x2 = x[..., 0::2], x[..., 1::2]
@@ -80,7 +82,8 @@ class Attention(nn.Module):
 
     def forward(self, x, rope):
         B, T, _ = x.shape
-        # head counts from the projections' actual widths: correct when tensor parallelism splits them
+        # head counts from the projections' actual widths: correct when tensor parallelism
+        # splits them
         q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)

@@ -14,7 +14,8 @@ from megatrain.config import OptimConfig
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices (linear and embedding weights); leave norms and biases alone, as GPT-2 and LLaMA do."""
+    """Decay matrices (linear and embedding weights); leave norms and biases alone, as GPT-2
+    and LLaMA do."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:

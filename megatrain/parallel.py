@@ -47,7 +47,8 @@ def deepspeed_config(cfg: Config, layout: BatchLayout, load_universal: bool = Fa
     if cfg.precision == "bf16":
         ds["bf16"] = {"enabled": True}
     elif cfg.precision == "fp16":
-        # dynamic loss scaling (loss_scale 0): start at 2^16, halve on overflow, double after 1000 clean steps
+        # dynamic loss scaling (loss_scale 0): start at 2^16, halve on overflow, double after
+        # 1000 clean steps
         ds["fp16"] = {
             "enabled": True,
             "loss_scale": 0,
@@ -85,7 +86,8 @@ def parameter_bytes(module: torch.nn.Module) -> int:
 
 
 def check_tensor_parallel_groups(size: int) -> None:
-    """Our data loader gives ranks r // size the same data: DeepSpeed's TP groups must be those blocks."""
+    """Our data loader gives ranks r // size the same data: DeepSpeed's TP groups must be those
+    blocks."""
     import torch.distributed as dist
     from deepspeed.utils import groups
 
@@ -121,7 +123,8 @@ def build_engine(
     if cfg.parallel.activation_checkpointing:
         apply_activation_checkpointing(model)
     if cfg.parallel.offload_optimizer == "cpu":
-        # ZeRO-Offload steps the optimizer on the CPU with DeepSpeed's vectorized Adam (JIT-built once)
+        # ZeRO-Offload steps the optimizer on the CPU with DeepSpeed's vectorized Adam
+        # (JIT-built once)
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         optimizer = DeepSpeedCPUAdam(

@@ -39,7 +39,8 @@ class BatchLayout:
 
 
 def resolve_batch(cfg: Config, dp_size: int) -> BatchLayout:
-    """global_batch = micro_batch x grad_accum x dp_size, from whichever of them the config gives."""
+    """global_batch = micro_batch x grad_accum x dp_size, from whichever of them the config
+    gives."""
     b, seq = cfg.batch, cfg.data.seq_len
     target = b.global_batch
     if b.global_tokens:
@@ -97,9 +98,9 @@ def validate_tensor_parallel(
             )
     if tp > 1 and local_world_size and local_world_size % tp:
         raise ConfigError(
-            f"'parallel.tensor' ({tp}) does not divide the {local_world_size} processes per node: a "
-            "tensor-parallel group would span nodes (all-reduces twice per layer over the network); "
-            "use a tensor size that divides the GPUs per node"
+            f"'parallel.tensor' ({tp}) does not divide the {local_world_size} processes per "
+            "node: a tensor-parallel group would span nodes (all-reduces twice per layer over "
+            "the network); use a tensor size that divides the GPUs per node"
         )
 
 

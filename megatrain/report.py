@@ -68,7 +68,8 @@ def read_run_info(run_dir: Path) -> dict:
 
 
 def _weights(records: list[dict]) -> list[float]:
-    """Seconds each record's interval lasted (steps in it x mean step time): for time-weighted means."""
+    """Seconds each record's interval lasted (steps in it x mean step time): for time-weighted
+    means."""
     previous = [0] + [r["step"] for r in records[:-1]]
     return [(r["step"] - p) * r.get("step_s", 0.0) for r, p in zip(records, previous)]
 
@@ -138,7 +139,8 @@ def method_label(method: str | None) -> str:
 
 
 def _scaled(values: list[float], units: list[tuple[str, float]]) -> tuple[list[float], str]:
-    """Values in the largest unit they reach at least 1 of (units: (name, size) from small to large)."""
+    """Values in the largest unit they reach at least 1 of (units: (name, size) from small to
+    large)."""
     top = max(values, default=0.0)
     name, size = units[0]
     for n, sz in units:
@@ -382,7 +384,8 @@ def report(run_dir: str | Path) -> tuple[str, list[Path]]:
     records = read_metrics(run_dir)
     if not records:
         raise ReportError(
-            f"{run_dir}/metrics.jsonl has no records yet (the first is written after run.log_every steps)"
+            f"{run_dir}/metrics.jsonl has no records yet "
+            "(the first is written after run.log_every steps)"
         )
     info = read_run_info(run_dir)
     summary = summarize(records, info)

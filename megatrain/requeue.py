@@ -6,7 +6,8 @@ A training job on Jean Zay lives 20 hours at most; a run lives weeks. The chain 
       -> all ranks agree to stop at the same step (megatrain/stop.py)
       -> the loop finishes the step, saves a checkpoint, returns          (megatrain/train.py)
       -> `train_job()`: rank 0 runs `scontrol requeue $SLURM_JOB_ID`, within `run.max_restarts`
-      -> Slurm restarts the same job (same id, SLURM_RESTART_COUNT + 1); it resumes from the checkpoint.
+      -> Slurm restarts the same job (same id, SLURM_RESTART_COUNT + 1); it resumes from the
+         checkpoint.
 """
 
 from __future__ import annotations

@@ -46,7 +46,8 @@ def read_yaml(path: str | os.PathLike) -> dict:
 
 
 def apply_override(tree: dict, assignment: str) -> None:
-    """Apply `a.b.c=value` to a nested dict; the value is parsed as YAML (`1e-3`, `[1, 2]`, `true`)."""
+    """Apply `a.b.c=value` to a nested dict; the value is parsed as YAML (`1e-3`, `[1, 2]`,
+    `true`)."""
     if "=" not in assignment:
         raise ConfigError(f"override '{assignment}' is not of the form key=value")
     key, raw = assignment.split("=", 1)
@@ -109,7 +110,8 @@ def field_docs(cls: type) -> dict[str, str]:
 
 
 def from_dict(cls: type, data: Any, where: str = "") -> Any:
-    """Build dataclass `cls` from a dict, checking every key and type; errors name the dotted key."""
+    """Build dataclass `cls` from a dict, checking every key and type; errors name the dotted
+    key."""
     if isinstance(data, cls):
         return data
     if not isinstance(data, dict):

@@ -120,8 +120,9 @@ class Manifest:
             )
         if raw.get("format_version") != FORMAT_VERSION:
             raise FormatVersionError(
-                f"{path}: shard format version {raw.get('format_version')} but this megatrain reads version "
-                f"{FORMAT_VERSION}; re-run `megatrain prep` with this version, or use the matching megatrain"
+                f"{path}: shard format version {raw.get('format_version')} but this megatrain "
+                f"reads version {FORMAT_VERSION}; re-run `megatrain prep` with this version, "
+                "or use the matching megatrain"
             )
         try:
             raw["shards"] = [ShardInfo(**s) for s in raw["shards"]]
@@ -261,7 +262,8 @@ class TokenStream:
         return int(self.starts[-1])
 
     def read(self, start: int, stop: int) -> np.ndarray:
-        """Tokens [start, stop) as one array (a view when inside one chunk, a copy across chunks)."""
+        """Tokens [start, stop) as one array (a view when inside one chunk, a copy across
+        chunks)."""
         if not 0 <= start <= stop <= len(self):
             raise IndexError(
                 f"token range [{start}, {stop}) outside a stream of {len(self)} tokens"
@@ -288,7 +290,8 @@ class Dataset:
     """A dataset directory opened for reading: manifest checked, shards memory-mapped."""
 
     def __init__(self, directory: str | os.PathLike, verify: bool | Callable[[int], bool] = True):
-        """`verify` may pick shards by index, so that ranks can share the hashing of a large dataset."""
+        """`verify` may pick shards by index, so that ranks can share the hashing of a large
+        dataset."""
         self.directory = Path(directory)
         self.manifest = Manifest.read(self.directory)
         self.shards = [

@@ -111,7 +111,8 @@ class WandbSink:
                     mode="online", settings=wandb.Settings(init_timeout=30, **settings), **args
                 )
                 return
-            except Exception as e:  # noqa: BLE001 -- no API key, refused login, timeout: keep training, offline
+            # no API key, refused login, timeout: keep training, offline
+            except Exception as e:  # noqa: BLE001
                 detail = " ".join(str(e).split())[:200]
                 self.fallback, self.mode = (
                     f"online init failed: {type(e).__name__}: {detail}",
@@ -205,7 +206,8 @@ def format_line(r: dict, max_steps: int = 0) -> str:
 
 
 def format_bar(r: dict, max_steps: int, total_tokens: float = 0, width: int = 30) -> str:
-    """A progress bar to the step (token) budget with the ETA and the projected final energy and CO2."""
+    """A progress bar to the step (token) budget with the ETA and the projected final energy
+    and CO2."""
     frac = min(r["step"] / max_steps, 1.0) if max_steps else 0.0
     filled = int(frac * width)
     est = " (est.)" if r.get("energy_method") == "estimate" else ""
@@ -238,7 +240,8 @@ class ConsoleSink:
         self.bar, self.drawn = "", False
 
     def print(self, text: str, bar: str | None = None) -> None:
-        """Print a line; on a terminal, clear the bar first and draw it (or the new `bar`) below the line."""
+        """Print a line; on a terminal, clear the bar first and draw it (or the new `bar`) below
+        the line."""
         if not self.tty:
             self.stream.write(text + "\n")
         else:

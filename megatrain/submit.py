@@ -23,7 +23,8 @@ from megatrain.stop import catch_stop_signals
 
 
 def parse_slurm_time(text: str | int) -> int:
-    """Slurm's --time formats -> minutes: '90', '20:00:00', '1-00:00:00', '2-12', '30:00' (min:sec)."""
+    """Slurm's --time formats -> minutes: '90', '20:00:00', '1-00:00:00', '2-12',
+    '30:00' (min:sec)."""
     text = str(text).strip()
     days, _, rest = text.rpartition("-") if "-" in text else ("", "", text)
     parts = [int(p) for p in rest.split(":")] if rest else []
@@ -70,7 +71,8 @@ def job_setup(profile) -> list[str]:
         lines
         + list(profile.setup)
         + [
-            # Slurm 22.05+ srun no longer inherits sbatch's --cpus-per-task: pass it on, or every task gets one core
+            # Slurm 22.05+ srun no longer inherits sbatch's --cpus-per-task: pass it on, or every
+            # task gets one core
             "export SRUN_CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-1}",
             "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}",
         ]

@@ -29,7 +29,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster.training import reference_run  # noqa: F401  (a fixture: one uninterrupted run per session)
+# a fixture: one uninterrupted run per session
+from tests.cluster.training import reference_run  # noqa: F401
 
 HERE = Path(__file__).resolve().parent
 SCRIPT = HERE / "local_slurm.sh"
@@ -59,11 +60,13 @@ def _run(*cmd: str, timeout: float = 60, check: bool = True) -> subprocess.Compl
 
 
 class SlurmCluster:
-    """Helpers to run batch jobs on the local cluster. Job ids are strings, as sbatch prints them."""
+    """Helpers to run batch jobs on the local cluster. Job ids are strings, as sbatch prints
+    them."""
 
     def __init__(self) -> None:
         self.script = SCRIPT
-        #: the Python that runs the tests; pass it to jobs so they use the test venv, not /usr/bin/python3
+        #: the Python that runs the tests; pass it to jobs so they use the test venv,
+        #: not /usr/bin/python3
         self.python = sys.executable
         #: fake node names, in order (node1, node2, ...)
         self.nodes = _run("sinfo", "-h", "-N", "-o", "%N").stdout.split()
@@ -101,13 +104,15 @@ class SlurmCluster:
                 f"sbatch {script} failed (rc={proc.returncode}): {proc.stderr.strip()}"
             )
         job_id = proc.stdout.strip().split(";")[0]  # "<id>[;cluster]"
-        # Remember where its stdout goes now: scontrol forgets a job MinJobAge (300 s) after it ends.
+        # Remember where its stdout goes now: scontrol forgets a job MinJobAge (300 s) after it
+        # ends.
         self._stdout[job_id] = Path(self.job_info(job_id)["StdOut"])
         return job_id
 
     # -- inspecting ------------------------------------------------------------------------
     def job_info(self, job_id: str) -> dict[str, str]:
-        """``scontrol show job`` as a dict (JobState, Restarts, NodeList, StdOut, ...); {} once forgotten."""
+        """``scontrol show job`` as a dict (JobState, Restarts, NodeList, StdOut, ...); {} once
+        forgotten."""
         proc = _run("scontrol", "show", "job", "-o", str(job_id), check=False)
         if proc.returncode != 0:
             return {}

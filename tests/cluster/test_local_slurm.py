@@ -1,4 +1,5 @@
-"""Smoke tests of the local Slurm cluster itself: if these fail, no other cluster test means anything."""
+"""Smoke tests of the local Slurm cluster itself: if these fail, no other cluster test means
+anything."""
 
 import json
 import re

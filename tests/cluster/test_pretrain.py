@@ -1,6 +1,7 @@
 """`sbatch slurm/pretrain.sh` on the local two-node Slurm cluster: training on 2 nodes x 1 task and
 1 node x 2 tasks, a warning signal -> checkpoint -> requeue -> exact resume, and Slurm's own
-time-limit warning. Fp32 on CPU: runs of the same config on two processes have bit-identical losses."""
+time-limit warning. Fp32 on CPU: runs of the same config on two processes have bit-identical
+losses."""
 
 import subprocess
 import time
@@ -77,7 +78,8 @@ def test_warning_signal_checkpoints_requeues_and_resumes_exactly(
         sbatch_args=["--nodes=1", "--ntasks-per-node=2", "--time=10", NO_WARNING],
     )
     wait_for_step(run, 3)
-    # What `--signal=USR1@N` does before the time limit, at a moment the test chooses: USR1 to every task.
+    # What `--signal=USR1@N` does before the time limit, at a moment the test chooses: USR1 to
+    # every task.
     subprocess.run(["scancel", "--signal=USR1", job], check=True)
     state = slurm_cluster.wait(job, timeout=240)
     text = job_text(slurm_cluster, job)

@@ -27,7 +27,8 @@ COMMON = [
     "optim.warmup_steps=4",
     "optim.lr=1e-2",
 ]
-# The script's own warning (USR1@300) would come at once in a short job: tests say when they want one.
+# The script's own warning (USR1@300) would come at once in a short job: tests say when they
+# want one.
 NO_WARNING = "--signal=USR1@1"
 
 
@@ -60,7 +61,8 @@ BOOKKEEPING = {"run_start", "parameter_memory"}  # written by every job at start
 
 
 def lifecycle_events(run_dir: Path) -> list[dict]:
-    """The run's lifecycle events (checkpoints, stops, requeues, resumes, W&B notes), oldest first."""
+    """The run's lifecycle events (checkpoints, stops, requeues, resumes, W&B notes), oldest
+    first."""
     return [e for e in events(run_dir) if e["event"] not in BOOKKEEPING]
 
 

@@ -1,5 +1,5 @@
-"""Tensor parallelism composed with ZeRO on CPU/gloo: tp=2 and tp=2 x dp=2 match tp=1, checkpoints move
-between layouts, and uneven splits are refused by name."""
+"""Tensor parallelism composed with ZeRO on CPU/gloo: tp=2 and tp=2 x dp=2 match tp=1,
+checkpoints move between layouts, and uneven splits are refused by name."""
 
 import pytest
 

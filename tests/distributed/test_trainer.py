@@ -1,5 +1,6 @@
 """The trainer on 1-2 CPU processes with real DeepSpeed (gloo): ZeRO stages agree, resume is exact,
-resume on another number of processes continues the same run, bad steps are skipped and rolled back."""
+resume on another number of processes continues the same run, bad steps are skipped and rolled
+back."""
 
 import json
 import math
@@ -60,7 +61,8 @@ def test_zero_stages_and_activation_checkpointing_give_the_same_losses(zero_runs
 
 
 def test_resume_on_a_different_number_of_processes(tiny_dataset, tmp_path, zero_runs):
-    """2 -> 1 and 1 -> 2 processes under ZeRO-2, through automatic universal-checkpoint conversion."""
+    """2 -> 1 and 1 -> 2 processes under ZeRO-2, through automatic universal-checkpoint
+    conversion."""
     reference = zero_runs["zero2"]  # uninterrupted, 2 processes
     for first, second in [(2, 1), (1, 2)]:
         run_dir = tmp_path / f"{first}to{second}"

@@ -1,4 +1,5 @@
-"""`megatrain.submit.submit` without Slurm: submitit's local executor runs the tasks on this machine."""
+"""`megatrain.submit.submit` without Slurm: submitit's local executor runs the tasks on this
+machine."""
 
 import pytest
 import submitit

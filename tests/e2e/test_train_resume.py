@@ -1,4 +1,5 @@
-"""The spine end to end: prepared shards -> 2-process DeepSpeed ZeRO-2 training -> checkpoint -> exact resume."""
+"""The spine end to end: prepared shards -> 2-process DeepSpeed ZeRO-2 training -> checkpoint
+-> exact resume."""
 
 import json
 import subprocess

@@ -71,7 +71,8 @@ def _set(zone: Path, energy_uj: int):
 
 @pytest.fixture
 def powercap(tmp_path):
-    """Two sockets with core/dram sub-zones, a psys zone and an MMIO duplicate (flat, like sysfs)."""
+    """Two sockets with core/dram sub-zones, a psys zone and an MMIO duplicate (flat, like
+    sysfs)."""
     root = tmp_path / "powercap"
     (root / "intel-rapl").mkdir(parents=True)  # the control type, not a zone
     (root / "intel-rapl" / "enabled").write_text("1\n")

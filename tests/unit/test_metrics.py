@@ -1,4 +1,5 @@
-"""Metrics math on known inputs: MFU, throughput, the step-time split, energy, CO2, GPU-hours, projections."""
+"""Metrics math on known inputs: MFU, throughput, the step-time split, energy, CO2, GPU-hours,
+projections."""
 
 import pytest
 import torch

@@ -1,4 +1,5 @@
-"""`megatrain report` on a hand-made run directory: time-weighted means, labels, plots, error messages."""
+"""`megatrain report` on a hand-made run directory: time-weighted means, labels, plots, error
+messages."""
 
 import json
 

@@ -1,4 +1,5 @@
-"""Sinks: console lines and progress bar, events, and W&B falling back to offline without network."""
+"""Sinks: console lines and progress bar, events, and W&B falling back to offline without
+network."""
 
 import http.server
 import io
@@ -48,7 +49,10 @@ def test_console_is_plain_when_not_a_tty_and_draws_a_bar_on_a_tty():
         sink.close()
     assert "\x1b" not in plain.getvalue() and "\r" not in plain.getvalue()
     assert plain.getvalue().splitlines()[1] == "[event] checkpoint"
-    bar = "[############..................]  40% 40/100 steps, 4M/10M tokens | eta 1h02m | final ~3.75 kWh, 210 g CO2e (est.)"
+    bar = (
+        "[############..................]  40% 40/100 steps, 4M/10M tokens | eta 1h02m"
+        " | final ~3.75 kWh, 210 g CO2e (est.)"
+    )
     # the line, then the bar; the next print clears the bar, prints, and redraws it
     assert tty.getvalue() == (
         format_line(RECORD, 100) + "\n" + bar + "\r\x1b[K[event] checkpoint\n" + bar + "\n"
