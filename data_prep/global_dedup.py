@@ -37,7 +37,8 @@ def _pairs(hashes: np.ndarray, gids: np.ndarray) -> tuple[np.ndarray, np.ndarray
 def exact_duplicates(
     comm, local: list[tuple[np.ndarray, np.ndarray]]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """local: [(hashes uint64, gids int64)] of this rank's units. Returns (dropped, original), sorted by dropped."""
+    """local: [(hashes uint64, gids int64)] of this rank's units. Returns (dropped, original),
+    sorted by dropped."""
     hashes = np.concatenate([h for h, _ in local]) if local else np.zeros(0, np.uint64)
     gids = np.concatenate([g for _, g in local]) if local else np.zeros(0, np.int64)
     owner = (hashes % np.uint64(comm.size)).astype(np.int64)
@@ -64,7 +65,8 @@ def _band_edges(keys: np.ndarray, gids: np.ndarray) -> tuple[np.ndarray, np.ndar
 def near_duplicates(
     comm, local: list[tuple[np.ndarray, np.ndarray]], bands: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """local: [(band keys (n, bands) uint64, gids)] of documents with shingles. Returns (dropped, root)."""
+    """local: [(band keys (n, bands) uint64, gids)] of documents with shingles. Returns
+    (dropped, root)."""
     keys = np.concatenate([k for k, _ in local]) if local else np.zeros((0, bands), np.uint64)
     gids = np.concatenate([g for _, g in local]) if local else np.zeros(0, np.int64)
     mine = [list(range(r, bands, comm.size)) for r in range(comm.size)]

@@ -216,10 +216,10 @@ def add_prep(sub) -> None:
         "prep",
         help="raw text -> tokenizer + Arrow token shards",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Read raw text (jsonl, txt, parquet; .gz/.zst), clean, filter and deduplicate it "
-        "as a recipe says, train a byte-level BPE tokenizer or load one, tokenize, and "
-        "write Arrow shards with a manifest and a report. Rerun the same command to "
-        "resume after a crash.",
+        description="Read raw text (jsonl, txt, parquet; .gz/.zst), clean, filter and "
+        "deduplicate it as a recipe says, train a byte-level BPE tokenizer or load one, "
+        "tokenize, and write Arrow shards with a manifest and a report. Rerun the same command "
+        "to resume after a crash.",
         epilog="examples:\n  megatrain prep corpus/ --out data/demo --vocab-size 4096\n"
         "  megatrain prep raw/ --out data/fr-en --recipe configs/data/fr-en.yaml --workers 8\n"
         "  mpiexec -n 4 megatrain prep raw/ --out data/fr-en --recipe configs/data/fr-en.yaml",
@@ -244,7 +244,8 @@ def add_prep(sub) -> None:
         "--workers",
         type=int,
         default=1,
-        help="local worker processes (under mpiexec/srun or a Slurm array, the ranks are the workers)",
+        help="local worker processes "
+        "(under mpiexec/srun or a Slurm array, the ranks are the workers)",
     )
     p.add_argument(
         "--force",

@@ -30,28 +30,29 @@ EN = (
 )
 # French typography on purpose: no-break spaces before ":", "!", "?" and inside « ».
 FR = (
-    "La rivière qui traverse la vieille ville a été, pendant plus de mille ans, une source d'eau, "
-    "de nourriture et de commerce. Au printemps, lorsque la neige fond dans les montagnes, l'eau "
-    "monte rapidement et les paysans qui vivent sur ses rives conduisent leurs bêtes vers les "
-    "hauteurs. Les historiens ont retrouvé dans les archives de la mairie le récit de grandes crues, "
-    "ainsi que des lettres de marchands qui se plaignaient\u00a0: «\u00a0les bateaux ne peuvent "
-    "plus atteindre le port\u00a0!\u00a0» Qu'en pensait-on à l'époque\u202f? Personne ne le sait."
+    "La rivière qui traverse la vieille ville a été, pendant plus de mille ans, une "
+    "source d'eau, de nourriture et de commerce. Au printemps, lorsque la neige fond dans les "
+    "montagnes, l'eau monte rapidement et les paysans qui vivent sur ses rives conduisent "
+    "leurs bêtes vers les hauteurs. Les historiens ont retrouvé dans les archives de la "
+    "mairie le récit de grandes crues, ainsi que des lettres de marchands qui se "
+    "plaignaient\u00a0: «\u00a0les bateaux ne peuvent plus atteindre le port\u00a0!\u00a0» Qu'en "
+    "pensait-on à l'époque\u202f? Personne ne le sait."
 )
 DE = (
-    "Der Fluss, der durch die Altstadt fließt, war mehr als tausend Jahre lang eine Quelle für "
-    "Wasser, Nahrung und Handel. Im Frühling, wenn in den Bergen der Schnee schmilzt, steigt das "
-    "Wasser schnell an, und die Bauern, die an seinen Ufern leben, treiben ihre Tiere auf höher "
-    "gelegene Weiden. Historiker haben im Archiv des Rathauses Berichte über große Überschwemmungen "
-    "gefunden, dazu Briefe von Kaufleuten, die sich beklagten, dass die Schiffe den Hafen wochenlang "
-    "nicht erreichen konnten."
+    "Der Fluss, der durch die Altstadt fließt, war mehr als tausend Jahre lang eine Quelle "
+    "für Wasser, Nahrung und Handel. Im Frühling, wenn in den Bergen der Schnee "
+    "schmilzt, steigt das Wasser schnell an, und die Bauern, die an seinen Ufern leben, "
+    "treiben ihre Tiere auf höher gelegene Weiden. Historiker haben im Archiv des Rathauses "
+    "Berichte über große Überschwemmungen gefunden, dazu Briefe von Kaufleuten, die "
+    "sich beklagten, dass die Schiffe den Hafen wochenlang nicht erreichen konnten."
 )
 ES = (
-    "El río que atraviesa el casco antiguo ha sido durante más de mil años una fuente de agua, de "
-    "alimento y de comercio. En primavera, cuando la nieve se derrite en las montañas, el agua sube "
-    "con rapidez y los campesinos que viven en sus orillas llevan a sus animales a tierras más "
-    "altas. Los historiadores han encontrado en los archivos del ayuntamiento relatos de grandes "
-    "inundaciones, junto con cartas de comerciantes que se quejaban de que los barcos no podían "
-    "llegar al puerto durante semanas."
+    "El río que atraviesa el casco antiguo ha sido durante más de mil años una fuente "
+    "de agua, de alimento y de comercio. En primavera, cuando la nieve se derrite en las "
+    "montañas, el agua sube con rapidez y los campesinos que viven en sus orillas llevan a "
+    "sus animales a tierras más altas. Los historiadores han encontrado en los archivos del "
+    "ayuntamiento relatos de grandes inundaciones, junto con cartas de comerciantes que se "
+    "quejaban de que los barcos no podían llegar al puerto durante semanas."
 )
 
 
