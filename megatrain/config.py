@@ -35,7 +35,8 @@ class ModelConfig:
     """Name of a file in configs/models/ (e.g. `gopher-117m`); fields set here override
     the preset's."""
     vocab_size: int = 0
-    """Vocabulary size; 0 takes it from the dataset manifest (rounded up to `vocab_multiple`)."""
+    """Vocabulary size; 0 takes it from the dataset manifest; either is rounded up to
+    `vocab_multiple`."""
     vocab_multiple: int = 64
     """Pad the embedding table to a multiple of this (faster matmuls on GPU)."""
     n_layer: int = 4
@@ -183,8 +184,9 @@ class RunConfig:
     """Also keep, forever, the checkpoints of steps that are multiples of this (0: none)."""
     resume: Literal["auto", "never"] = "auto"
     """`auto` continues from the run directory's latest valid checkpoint, if any."""
-    compile: bool = False
-    """Wrap the model in torch.compile (GPU)."""
+    compile: bool = True
+    """torch.compile each transformer block on GPU (not under ZeRO-3; never on CPU); a block
+    that cannot be compiled runs eagerly, and events.jsonl says how many graphs and breaks."""
     max_restarts: int = 100
     """Most times a Slurm job requeues itself after a time-limit warning (SLURM_RESTART_COUNT);
     100 x 20 h jobs is ~12 weeks."""
@@ -415,6 +417,14 @@ def validate(cfg: Config) -> None:
     if cfg.parallel.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(
             f"'parallel.zero_stage' must be 0, 1, 2 or 3, got {cfg.parallel.zero_stage}"
+        )
+    if cfg.parallel.zero_stage == 0 and cfg.precision != "fp32":
+        # DeepSpeed's path for it is per-parameter and unfused (a host sync per tensor, an fp32
+        # copy of every gradient) and accumulates gradients in half precision
+        raise ConfigError(
+            f"'parallel.zero_stage' 0 with 'precision' {cfg.precision} takes DeepSpeed's slow, "
+            "unfused mixed-precision path: use parallel.zero_stage=1 (fp32 master weights and "
+            "gradient accumulation, optimizer states split over the data-parallel ranks)"
         )
     if cfg.parallel.offload_optimizer != "none" and cfg.parallel.zero_stage == 0:
         # DeepSpeed's CPU Adam steps the optimizer partitions ZeRO keeps; without ZeRO nothing

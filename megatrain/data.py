@@ -178,7 +178,7 @@ class DataLoader:
         dp_rank: int,
         consumed_samples: int = 0,
         prefetch: int = 2,
-        device: str = "cpu",
+        device: torch.device | str = "cpu",
     ):
         self.sources, self.layout, self.dp_rank = sources, layout, dp_rank
         self.mixture = Mixture(weights)
@@ -212,21 +212,19 @@ class DataLoader:
         ids = self.sample_ids(step_start + self.dp_rank * per_rank, per_rank)
         rows = np.stack([self.sources[d].read(i) for d, i in ids]).astype(np.int64)
         tokens = torch.from_numpy(rows)
+        if self.device.type == "cuda":  # one pinned copy of the whole step, sliced on the device
+            tokens = tokens.pin_memory().to(self.device, non_blocking=True)
         out = []
         for m in range(L.grad_accum):
             chunk = tokens[m * L.micro_batch : (m + 1) * L.micro_batch]
-            x, y = chunk[:, :-1], chunk[:, 1:]
-            if self.device.type == "cuda":
-                x, y = (
-                    x.pin_memory().to(self.device, non_blocking=True),
-                    y.pin_memory().to(self.device, non_blocking=True),
-                )
-            out.append(Batch(x, y))
+            out.append(Batch(chunk[:, :-1], chunk[:, 1:]))
         return out
 
     def _produce(self, start: int) -> None:
         g = start
         try:
+            if self.device.type == "cuda":  # the current device is per thread: set it in this one
+                torch.cuda.set_device(self.device)
             while not self._stop.is_set():
                 item = (g, self._step_batches(g))
                 while not self._stop.is_set():

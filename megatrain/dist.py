@@ -23,7 +23,10 @@ import sys
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+from megatrain.errors import MegatrainError
 
 if TYPE_CHECKING:
     import torch
@@ -144,43 +147,102 @@ def rendezvous(environ: Mapping[str, str] = os.environ) -> tuple[str, int]:
 # ----------------------------------------------------------------------------- process group
 
 
+def choose_gpu(local_rank: int, local_world_size: int, visible: int) -> int:
+    """The index of this task's GPU among the `visible` ones. Either every task of the node sees
+    all its GPUs (task i takes GPU i), or each task sees only its own (`--gpus-per-task=1`,
+    `--gpu-bind`, per-task CUDA_VISIBLE_DEVICES: GPU 0). Two tasks never share a GPU."""
+    if visible == 1:
+        return 0
+    if local_rank < visible and local_world_size <= visible:
+        return local_rank
+    raise MegatrainError(
+        f"task {local_rank} of {local_world_size} on this node sees {visible} GPUs: start one task "
+        "per GPU (e.g. `--ntasks-per-node` equal to `--gres=gpu:N`, or `--nproc` at most the GPUs "
+        "you have), or give each task its own GPU (`--gpus-per-task=1`)"
+    )
+
+
 def device_for(env: DistEnv) -> torch.device:
     import torch
 
     if torch.cuda.is_available():
-        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
-        return torch.device("cuda", torch.cuda.current_device())
+        index = choose_gpu(env.local_rank, env.local_world_size, torch.cuda.device_count())
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     return torch.device("cpu")
 
 
-def init_process_group(env: DistEnv) -> torch.device:
-    """Create the default process group (through DeepSpeed, which the engine needs); returns this
-    process's device. MASTER_ADDR/MASTER_PORT come from `env` unless already set."""
+# Object collectives (`all_gather`, `agree`) go through a gloo group whose timeout is this long,
+# not NCCL's: rank 0 may work alone for a long time meanwhile (a universal-checkpoint conversion
+# of a 7B model takes longer than NCCL's 30 minutes), and gloo notices a dead peer anyway.
+OBJECT_TIMEOUT = timedelta(hours=12)
+_objects = None  # the group of `all_gather`
+
+
+def init_process_group(env: DistEnv, timeout: timedelta = timedelta(minutes=30)) -> torch.device:
+    """Create the default process group (NCCL on GPU, gloo on CPU; collectives give up after
+    `timeout`) and hand it to DeepSpeed, whose engine needs its own view of it, and the gloo group
+    of the object collectives; returns this process's device. MASTER_ADDR and MASTER_PORT come
+    from `env` unless already set."""
+    global _objects
+    import torch
+    import torch.distributed as dist
+
     device = device_for(env)
     if device.type == "cpu":
-        os.environ.setdefault(
-            "DS_ACCELERATOR", "cpu"
-        )  # say so, rather than let DeepSpeed warn it guessed
+        # say so, rather than let DeepSpeed warn it guessed
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     # DeepSpeed 0.19 calls a torch.distributed function that torch 2.13 deprecates; nothing for
     # users to do
     warnings.filterwarnings(
         "ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning
     )
     import deepspeed
+    from packaging.version import Version
 
     os.environ.setdefault("MASTER_ADDR", env.master_addr)
     os.environ.setdefault("MASTER_PORT", str(env.master_port))
-    # DeepSpeed reads these from the environment, whichever launcher started us
+    # DeepSpeed reads these from the environment, whichever launcher started us. LOCAL_RANK stays
+    # the task's rank on its node (Open MPI's launcher checks it); DeepSpeed gets the device from
+    # us (`device_id` here, `device_rank` in parallel.build_engine).
     os.environ.update(
         RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank)
     )
-    deepspeed.init_distributed(
-        dist_backend="nccl" if device.type == "cuda" else "gloo",
-        auto_mpi_discovery=False,
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    # Binding the device makes NCCL set up at once; torch 2.6 < v < 2.7.1 hangs doing so (a torch
+    # bug DeepSpeed also steps around), and a single rank has no peer to set up with.
+    bind = device.type == "cuda" and env.world_size > 1
+    bind = bind and not (
+        Version("2.6.0") < Version(torch.__version__.split("+")[0]) < Version("2.7.1")
+    )
+    dist.init_process_group(
+        backend,
         rank=env.rank,
         world_size=env.world_size,
+        timeout=timeout,
+        device_id=device if bind else None,
     )
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    _objects = dist.new_group(backend="gloo", timeout=OBJECT_TIMEOUT)
+    if device.type == "cuda":
+        _check_one_rank_per_gpu(torch.cuda.get_device_properties(device).uuid)
     return device
+
+
+def _check_one_rank_per_gpu(uuid) -> None:
+    """NCCL refuses two ranks on one GPU, deep in its first collective: say it first, by name."""
+    import socket
+
+    owner: dict[str, int] = {}
+    for rank, gpu in enumerate(all_gather(f"{socket.gethostname()}/GPU-{uuid}")):
+        if gpu in owner:
+            error = MegatrainError(
+                f"ranks {owner[gpu]} and {rank} share one GPU ({gpu}): give every task its own "
+                "GPU (one task per GPU, or `--gpus-per-task=1`)"
+            )
+            error.shared = True  # every rank found it: printed once
+            raise error
+        owner[gpu] = rank
 
 
 def _initialized() -> bool:
@@ -208,12 +270,14 @@ def barrier() -> None:
 
 
 def teardown() -> None:
-    """Wait for every rank, then destroy the process group (after the last collective of a job)."""
+    """Wait for every rank, then destroy the process groups (after the last collective of a job)."""
+    global _objects
     if _initialized():
         import torch.distributed as dist
 
         dist.barrier()
         dist.destroy_process_group()
+        _objects = None
 
 
 # ----------------------------------------------------------------------------- collectives
@@ -242,7 +306,7 @@ def all_gather(value: T) -> list[T]:
     import torch.distributed as dist
 
     out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, value)
+    dist.all_gather_object(out, value, group=_objects)
     return out
 
 

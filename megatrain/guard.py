@@ -2,6 +2,8 @@
 
 - A non-finite loss or gradient norm: the update is skipped (DeepSpeed's ZeRO optimizers discard
   a step whose gradient norm is not finite; the trainer does the same without ZeRO) and counted.
+- fp16 loss-scale overflows: counted and logged, not bad (the scaler's normal search); at the
+  minimum scale they are non-finite steps like any other.
 - A loss spike: a loss more than `spike_zscore` standard deviations above the mean of the last
   `spike_window` good steps is logged (the update is kept: most spikes recover by themselves).
 - `max_bad_steps` bad steps in a row: roll back to the last checkpoint and skip the data that
@@ -46,10 +48,18 @@ class StabilityGuard:
         self.history.extend(state.get("loss_history", []))
         self.bad_streak = int(state.get("bad_streak", 0))
 
-    def check(self, loss: float, update_skipped: bool) -> str | None:
-        """Classify a step: "nonfinite", "spike" or None (good)."""
+    def check(self, loss: float, update_skipped: bool, overflow: bool = False) -> str | None:
+        """Classify a step: "nonfinite", "spike", "overflow" or None (good).
+
+        `overflow`: fp16's loss scaler skipped the update because the scaled gradients overflowed
+        while the scale was above its minimum. That is how dynamic loss scaling finds its scale
+        (streaks of several are normal at the start and after each increase), not instability:
+        counted as skipped, never a bad step; the step's loss is not part of the history.
+        """
         verdict = None
         self.skipped_steps += update_skipped
+        if overflow and math.isfinite(loss):
+            return "overflow"
         if update_skipped or not math.isfinite(loss):
             verdict = "nonfinite"
         elif self.cfg.spike_zscore > 0 and len(self.history) >= self.MIN_HISTORY:

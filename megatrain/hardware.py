@@ -19,6 +19,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from megatrain.schema import ConfigError
+
 PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
 _ALIASES = {
     "float32": "fp32",
@@ -37,11 +39,12 @@ class Accelerator:
     tdp_w: float | None = None  # board power (max TDP for configurable parts)
     source: str = ""  # where the numbers come from
     rough: bool = False  # True for order-of-magnitude rows (CPU, unknown GPU)
+    memory_gb: float | None = None  # device memory in GiB, as the product name says it
 
 
-def _row(key, name, fp32, tf32, fp16, bf16, tdp_w, source) -> Accelerator:
+def _row(key, name, fp32, tf32, fp16, bf16, tdp_w, memory_gb, source) -> Accelerator:
     peaks = {"fp32": fp32, "tf32": tf32, "fp16": fp16, "bf16": bf16}
-    return Accelerator(key, name, peaks, tdp_w, source)
+    return Accelerator(key, name, peaks, tdp_w, source, memory_gb=memory_gb)
 
 
 # Sources (dense numbers; "*" in the datasheets marks 2x sparsity numbers, halved here):
@@ -67,20 +70,20 @@ _H200 = (
 ACCELERATORS: dict[str, Accelerator] = {
     a.key: a
     for a in [
-        #     key               name                      fp32  tf32   fp16   bf16   TDP  source
-        _row("V100-SXM2-16GB", "Tesla V100 SXM2 16GB", 15.7, None, 125.0, None, 300, _V100),
-        _row("V100-SXM2-32GB", "Tesla V100 SXM2 32GB", 15.7, None, 125.0, None, 300, _V100),
-        _row("V100-PCIe", "Tesla V100 PCIe", 14.0, None, 112.0, None, 250, _V100),
-        _row("V100S-PCIe", "Tesla V100S PCIe", 16.4, None, 130.0, None, 250, _V100S),
-        _row("A100-SXM-40GB", "A100 SXM4 40GB", 19.5, 156.0, 312.0, 312.0, 400, _A100),
-        _row("A100-SXM-80GB", "A100 SXM4 80GB", 19.5, 156.0, 312.0, 312.0, 400, _A100),
-        _row("A100-PCIe-40GB", "A100 PCIe 40GB", 19.5, 156.0, 312.0, 312.0, 250, _A100),
-        _row("A100-PCIe-80GB", "A100 PCIe 80GB", 19.5, 156.0, 312.0, 312.0, 300, _A100),
-        _row("H100-SXM", "H100 SXM5 80GB", 67.0, 494.7, 989.4, 989.4, 700, _H100),
-        _row("H100-PCIe", "H100 PCIe 80GB", 51.0, 378.0, 756.5, 756.5, 350, _H100),
-        _row("H100-NVL", "H100 NVL 94GB", 60.0, 417.5, 835.5, 835.5, 400, _H100),
-        _row("H200-SXM", "H200 SXM 141GB", 67.0, 494.7, 989.4, 989.4, 700, _H200),
-        _row("H200-NVL", "H200 NVL 141GB", 60.0, 417.5, 835.5, 835.5, 600, _H200),
+        # key, name, then dense TFLOP/s fp32 tf32 fp16 bf16, TDP (W), memory (GB), source
+        _row("V100-SXM2-16GB", "Tesla V100 SXM2 16GB", 15.7, None, 125.0, None, 300, 16, _V100),
+        _row("V100-SXM2-32GB", "Tesla V100 SXM2 32GB", 15.7, None, 125.0, None, 300, 32, _V100),
+        _row("V100-PCIe", "Tesla V100 PCIe", 14.0, None, 112.0, None, 250, 16, _V100),
+        _row("V100S-PCIe", "Tesla V100S PCIe", 16.4, None, 130.0, None, 250, 32, _V100S),
+        _row("A100-SXM-40GB", "A100 SXM4 40GB", 19.5, 156.0, 312.0, 312.0, 400, 40, _A100),
+        _row("A100-SXM-80GB", "A100 SXM4 80GB", 19.5, 156.0, 312.0, 312.0, 400, 80, _A100),
+        _row("A100-PCIe-40GB", "A100 PCIe 40GB", 19.5, 156.0, 312.0, 312.0, 250, 40, _A100),
+        _row("A100-PCIe-80GB", "A100 PCIe 80GB", 19.5, 156.0, 312.0, 312.0, 300, 80, _A100),
+        _row("H100-SXM", "H100 SXM5 80GB", 67.0, 494.7, 989.4, 989.4, 700, 80, _H100),
+        _row("H100-PCIe", "H100 PCIe 80GB", 51.0, 378.0, 756.5, 756.5, 350, 80, _H100),
+        _row("H100-NVL", "H100 NVL 94GB", 60.0, 417.5, 835.5, 835.5, 400, 94, _H100),
+        _row("H200-SXM", "H200 SXM 141GB", 67.0, 494.7, 989.4, 989.4, 700, 141, _H200),
+        _row("H200-NVL", "H200 NVL 141GB", 60.0, 417.5, 835.5, 835.5, 600, 141, _H200),
     ]
 }
 
@@ -171,3 +174,29 @@ def peak_flops(accel: Accelerator, precision: str) -> float:
             f"({'no such units' if p in accel.peak_tflops else 'unknown device'})"
         )
     return tflops * 1e12
+
+
+def check_device(
+    precision: str,
+    device_type: str,
+    device_name: str,
+    capability: tuple[int, int] | None,
+    profile_name: str,
+    profile_gpus_per_node: int,
+) -> None:
+    """Refuse, by name, to train where it would silently go wrong: on the CPU of a GPU cluster
+    (a job that asked Slurm for no GPU), or in bf16 on a GPU without bf16 tensor cores (V100:
+    attention falls back to its slowest kernel and runs out of memory; there is no peak to
+    measure MFU against)."""
+    if device_type == "cpu" and profile_gpus_per_node > 0:
+        raise ConfigError(
+            f"cluster profile '{profile_name}' has {profile_gpus_per_node} GPUs per node but this "
+            "process sees none: ask Slurm for them (`--gres=gpu:N`, as slurm/pretrain.sh does), "
+            "or set `cluster` to a CPU profile (e.g. cluster=local)"
+        )
+    if device_type == "cuda" and precision == "bf16" and capability and capability < (8, 0):
+        major, minor = capability
+        raise ConfigError(
+            f"precision=bf16 on {device_name} (compute capability {major}.{minor}, no bf16 "
+            "tensor cores): set precision=fp16, which trains with dynamic loss scaling"
+        )

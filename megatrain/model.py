@@ -89,13 +89,15 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        if (
-            k.shape[1] != q.shape[1]
-        ):  # grouped-query attention: each k/v head serves several q heads
-            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+        # grouped-query attention: each k/v head serves several q heads (SDPA repeats them
+        # without a copy)
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+            q,
+            k,
+            v,
+            is_causal=True,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=k.shape[1] != q.shape[1],
         )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -200,6 +202,12 @@ class Transformer(nn.Module):
         logits = self.lm_head(self.norm(x))
         if targets is None:
             return logits
+        return self.loss(logits, targets)
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy, computed in fp32 whatever the logits' precision. (Compiled, as
+        megatrain/parallel.py does on GPU, the upcast fuses into the kernel: the fp32 logits of
+        the whole batch are never stored.)"""
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1).long())
 
 

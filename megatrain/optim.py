@@ -27,26 +27,35 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 class AdamW(torch.optim.AdamW):
-    """torch's AdamW that can be told to leave out its next step.
+    """torch's AdamW; with `skip_nonfinite`, it leaves out a step whose gradients are not all
+    finite: parameters and moments stay exactly as they were, and `skipped_steps` counts it.
 
-    ZeRO optimizers discard a step whose gradient norm is not finite; without ZeRO DeepSpeed
-    calls the optimizer regardless, so the trainer sets `skip_next` instead: parameters and
-    moments stay exactly as they were.
+    ZeRO's optimizers (and DeepSpeed's bf16 and fp16 ones) discard such a step themselves; fp32
+    without ZeRO has no wrapper, so there this optimizer does it. (Gradients are averaged over
+    the ranks before the step, so every rank decides alike.)
     """
 
-    skip_next = False
+    def __init__(self, params, skip_nonfinite: bool = False, **kwargs):
+        super().__init__(params, **kwargs)
+        self.skip_nonfinite, self.skipped_steps = skip_nonfinite, 0
 
+    @torch.no_grad()
     def step(self, closure=None):
-        if self.skip_next:
-            self.skip_next = False
-            return None
+        if self.skip_nonfinite:
+            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+            if grads and not torch.stack([torch.isfinite(g).all() for g in grads]).all():
+                self.skipped_steps += 1
+                return None
         return super().step(closure)
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device) -> AdamW:
+def build_optimizer(
+    model: torch.nn.Module, cfg: OptimConfig, device: torch.device, skip_nonfinite: bool = False
+) -> AdamW:
     # torch's AdamW, fused on GPU; on CPU DeepSpeed's own Adam would JIT-compile an op for minutes
     return AdamW(
         param_groups(model, cfg.weight_decay),
+        skip_nonfinite=skip_nonfinite,
         lr=cfg.lr,
         betas=(cfg.beta1, cfg.beta2),
         eps=cfg.eps,

@@ -3,6 +3,7 @@
 - `deepspeed_config()`: our typed config turned into DeepSpeed's JSON (ZeRO stage, precision,
   offload, batch layout, clipping).
 - `tensor_parallel_config()`: DeepSpeed AutoTP rules from the model's TENSOR_PARALLEL_PLAN.
+- `compile_blocks()`: torch.compile each block (on GPU, by default).
 - `apply_activation_checkpointing()`: recompute each block in backward.
 - `build_engine()`: model + optimizer -> DeepSpeed engine.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import re
+from types import SimpleNamespace
 
 import torch
 
@@ -18,6 +20,8 @@ from megatrain.config import Config
 from megatrain.model import TENSOR_PARALLEL_PLAN
 from megatrain.optim import build_optimizer, param_groups
 from megatrain.plan import BatchLayout
+
+MIN_LOSS_SCALE = 1  # fp16: an overflow at this scale is a real non-finite step
 
 
 def deepspeed_config(cfg: Config, layout: BatchLayout, load_universal: bool = False) -> dict:
@@ -39,6 +43,9 @@ def deepspeed_config(cfg: Config, layout: BatchLayout, load_universal: bool = Fa
         "zero_allow_untested_optimizer": True,  # torch's AdamW, which DeepSpeed wraps fine
         "steps_per_print": 2**31 - 1,  # we log ourselves
         "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer synchronizes the device at every forward and step: we time
+        # ourselves (megatrain/metrics.py), without synchronizing
+        "timers": {"throughput": {"enabled": False, "synchronized": False}},
     }
     if p.tensor > 1:
         ds["tensor_parallel"] = tensor_parallel_config(p.tensor)
@@ -46,6 +53,9 @@ def deepspeed_config(cfg: Config, layout: BatchLayout, load_universal: bool = Fa
         ds["checkpoint"] = {"load_universal": True}
     if cfg.precision == "bf16":
         ds["bf16"] = {"enabled": True}
+        # accumulate the micro-batches' gradients in fp32, not bf16 (under ZeRO-1 this selects
+        # DeepSpeed's bf16 optimizer, BLOOM's: fp32 master weights and gradients)
+        ds["data_types"] = {"grad_accum_dtype": "fp32"}
     elif cfg.precision == "fp16":
         # dynamic loss scaling (loss_scale 0): start at 2^16, halve on overflow, double after
         # 1000 clean steps
@@ -55,7 +65,7 @@ def deepspeed_config(cfg: Config, layout: BatchLayout, load_universal: bool = Fa
             "initial_scale_power": 16,
             "loss_scale_window": 1000,
             "hysteresis": 2,
-            "min_loss_scale": 1,
+            "min_loss_scale": MIN_LOSS_SCALE,
         }
     return ds
 
@@ -104,10 +114,44 @@ def apply_activation_checkpointing(model: torch.nn.Module) -> None:
     """Make every block recompute its activations in backward (parameter names stay unchanged)."""
     from torch.utils.checkpoint import checkpoint
 
+    for block in model.blocks:  # the block's forward as it is: compiled, or the class's
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
+def compile_reason(cfg: Config, device: torch.device) -> str | None:
+    """Why the blocks are not compiled, or None when they are."""
+    if not cfg.run.compile:
+        return "run.compile is false"
+    if device.type != "cuda":
+        return "compiled on GPU only"
+    if cfg.parallel.zero_stage == 3:  # its parameter-gathering hooks sit on every layer
+        return "not with ZeRO-3"
+    return None
+
+
+def compile_blocks(model: torch.nn.Module) -> None:
+    """torch.compile each block's forward and the loss (regional compilation: the graphs stay
+    small, compile fast, and DeepSpeed's hooks on the blocks and the model stay outside them).
+    Where dynamo cannot compile, the code runs eagerly instead (`compile_counters` says how
+    often)."""
+    import torch._dynamo
+
+    torch._dynamo.config.suppress_errors = True
     for block in model.blocks:
-        block.forward = functools.partial(
-            checkpoint, type(block).forward.__get__(block), use_reentrant=False
-        )
+        block.forward = torch.compile(block.forward)
+    model.loss = torch.compile(model.loss)  # fp32 cross-entropy fused: no fp32 copy of the logits
+
+
+def compile_counters() -> dict:
+    """What torch.compile did so far: graphs made, graph breaks, frames it gave up on."""
+    from torch._dynamo.utils import counters
+
+    frames = counters["frames"]
+    return {
+        "graphs": counters["stats"]["unique_graphs"],
+        "graph_breaks": sum(counters["graph_break"].values()),
+        "failed": frames["total"] - frames["ok"],
+    }
 
 
 def build_engine(
@@ -117,9 +161,12 @@ def build_engine(
     device: torch.device,
     load_universal: bool = False,
 ):
-    """Wrap the model in a DeepSpeed engine with our AdamW; returns (engine, the AdamW it wraps)."""
+    """Wrap the model in a DeepSpeed engine with our AdamW; returns (engine, the AdamW it wraps).
+    The engine uses `device` (DeepSpeed would otherwise take LOCAL_RANK as a GPU index)."""
     import deepspeed
 
+    if compile_reason(cfg, device) is None:
+        compile_blocks(model)  # inside the activation checkpoints, which wrap each block
     if cfg.parallel.activation_checkpointing:
         apply_activation_checkpointing(model)
     if cfg.parallel.offload_optimizer == "cpu":
@@ -135,12 +182,16 @@ def build_engine(
             adamw_mode=True,
         )
     else:
-        optimizer = build_optimizer(model, cfg.optim, device)
+        # without ZeRO, nothing else skips a step whose gradients overflowed (fp32 only: half
+        # precision needs ZeRO, see config.validate)
+        zero = cfg.parallel.zero_stage > 0
+        optimizer = build_optimizer(model, cfg.optim, device, skip_nonfinite=not zero)
     engine, *_ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=deepspeed_config(cfg, layout, load_universal)
+        args=SimpleNamespace(device_rank=device.index) if device.type == "cuda" else None,
+        model=model,
+        optimizer=optimizer,
+        config=deepspeed_config(cfg, layout, load_universal),
     )
     if cfg.parallel.tensor > 1:
         check_tensor_parallel_groups(cfg.parallel.tensor)
-    if cfg.run.compile:
-        engine.compile()  # torch.compile of the wrapped module, the DeepSpeed way
     return engine, optimizer

@@ -144,18 +144,18 @@ class RunPlan:
 
 
 def resolve_vocab(model: ModelConfig, dataset_vocab: int | None) -> int:
-    """The embedding table's size: the dataset's vocabulary rounded up to `vocab_multiple` (when
-    `model.vocab_size` is 0), else the config's, which must hold every id of the dataset."""
-    if model.vocab_size == 0:
-        if dataset_vocab is None:
-            raise ConfigError("'model.vocab_size' is 0 and no dataset says what it should be")
-        return model.vocab_multiple * math.ceil(dataset_vocab / model.vocab_multiple)
-    if dataset_vocab is not None and model.vocab_size < dataset_vocab:
+    """The embedding table's size: the config's `model.vocab_size` (which must hold every id of
+    the dataset), or the dataset's when it is 0, rounded up to `model.vocab_multiple` either way
+    (GPT-2's 50,257 becomes 50,304: the output layer's matrix products run on aligned shapes)."""
+    vocab = model.vocab_size or dataset_vocab
+    if vocab is None:
+        raise ConfigError("'model.vocab_size' is 0 and no dataset says what it should be")
+    if dataset_vocab is not None and vocab < dataset_vocab:
         raise ConfigError(
-            f"'model.vocab_size' ({model.vocab_size}) is smaller than the tokenizer's "
-            f"({dataset_vocab}); set it to 0 to take the dataset's"
+            f"'model.vocab_size' ({vocab}) is smaller than the tokenizer's ({dataset_vocab}); set "
+            "it to 0 to take the dataset's"
         )
-    return model.vocab_size
+    return model.vocab_multiple * math.ceil(vocab / model.vocab_multiple)
 
 
 def plan_run(
@@ -183,3 +183,55 @@ def plan_run(
         non_embedding_params=counts["non_embedding_params"],
         flops_per_token=flops_per_token(model, seq),
     )
+
+
+# DeepSpeed's default reduce and all-gather buckets for ZeRO 1-2 (5e8 elements each), and a CUDA
+# context with cuBLAS/NCCL workspaces.
+ZERO_BUCKET_ELEMENTS = 5e8
+CUDA_CONTEXT_GIB = 1.5
+FRAGMENTATION = 0.10  # the caching allocator's slack over what is live
+
+
+def memory_per_gpu(cfg: Config, plan: RunPlan) -> dict[str, float]:
+    """GiB each GPU needs for `cfg` as `plan` lays it out: an estimate from the parameter and
+    activation arithmetic (Korthikanti et al. 2022, with flash attention: no T x T matrix).
+
+    Model states by precision, ZeRO stage and tensor-parallel size: half-precision weights and
+    gradients, fp32 master weights and gradient accumulation, Adam's two moments. Activations
+    of one micro-batch: s x b x h x (10 + 24/tp) bytes per layer, or its input alone with
+    activation checkpointing (plus one layer being recomputed). Logits: half-precision output,
+    its fp32 upcast and gradient. Then DeepSpeed's buckets, the CUDA context and the allocator.
+    """
+    p, m, L = cfg.parallel, plan.model, plan.layout
+    tp, dp, zero = plan.tp_size, plan.dp_size, p.zero_stage
+    half = cfg.precision != "fp32"
+    word = 2 if half else 4
+    n = plan.params / tp
+    params = n * word / (dp if zero == 3 else 1)
+    grads = n * word / (dp if zero >= 2 else 1)
+    # fp32 master weights and gradient accumulation (mixed precision), Adam's m and v
+    optimizer = n * ((4 + 4 + 8) if half else 8) / (dp if zero >= 1 else 1)
+    if p.offload_optimizer != "none":
+        optimizer = 0.0
+    if p.offload_params != "none":
+        params = 0.0
+    tokens = L.micro_batch * L.seq_len
+    per_layer = tokens * m.d_model * (10 + 24 / tp) * word / 2
+    if p.activation_checkpointing:
+        activations = m.n_layer * tokens * m.d_model * word + per_layer
+    else:
+        activations = m.n_layer * per_layer
+    logits = tokens * m.vocab_size * (word + 4 + 4)
+    buffers = 2 * ZERO_BUCKET_ELEMENTS * word if zero in (1, 2) else 0.0
+    gib = {
+        "params": params / 2**30,
+        "grads": grads / 2**30,
+        "optimizer": optimizer / 2**30,
+        "activations": activations / 2**30,
+        "logits": logits / 2**30,
+        "buffers": buffers / 2**30,
+    }
+    live = sum(gib.values())
+    gib["overhead"] = CUDA_CONTEXT_GIB + FRAGMENTATION * live
+    gib["total"] = live + gib["overhead"]
+    return gib

@@ -15,7 +15,7 @@ import math
 import subprocess
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -32,11 +32,33 @@ from megatrain.guard import StabilityGuard
 from megatrain.metrics import StepMetrics, resolve_peak
 from megatrain.model import Transformer
 from megatrain.optim import lr_at
-from megatrain.parallel import build_engine, parameter_bytes
+from megatrain.parallel import (
+    MIN_LOSS_SCALE,
+    build_engine,
+    compile_counters,
+    compile_reason,
+    parameter_bytes,
+)
 from megatrain.plan import plan_run
 from megatrain.shards import Dataset
 from megatrain.sinks import MetricsLogger
 from megatrain.stop import StopRequest
+
+
+@dataclass
+class Step:
+    """One optimizer step as every rank agrees it went."""
+
+    loss: float
+    """Mean loss over the step's micro-batches and the ranks."""
+    skipped: bool
+    """The update was not applied (non-finite gradients, or an fp16 overflow)."""
+    overflow: bool
+    """fp16's loss scaler skipped it, with a finite loss and its scale above the minimum."""
+    loss_scale: float | None
+    """fp16's loss scale after the step (None in bf16 and fp32)."""
+    stop: bool
+    """Some rank got a stop signal: stop after this step."""
 
 
 def software_versions() -> dict:
@@ -89,17 +111,21 @@ class Trainer:
         self.dp_rank = self.rank // self.plan.tp_size  # tensor-parallel groups read the same data
         self.cluster = load_cluster(cfg.cluster)
         self.accel = hardware.detect_accelerator()
+        self._check_device()
         self.peak_flops, self.peak_source = resolve_peak(
             cfg.precision, self.accel, self.cluster.peak_tflops, self.cluster.accelerator
         )
         self.logger = MetricsLogger(cfg.run_dir, enabled=self.rank == 0, wandb_args=self._wandb())
         self.resolved = self._write_resolved_config() if self.rank == 0 else {}
         self.stop = StopRequest()
+        self._compile_reported = False
 
         resume = self._resume_point()
         torch.manual_seed(cfg.run.seed)
+        with self.device:  # built where it trains: no full fp32 copy in host memory per rank
+            model = Transformer(cfg.model, cfg.data.seq_len)
         self.engine, self.optimizer = build_engine(
-            Transformer(cfg.model, cfg.data.seq_len),
+            model,
             cfg,
             self.plan.layout,
             self.device,
@@ -120,6 +146,17 @@ class Trainer:
             )
         gathered = dist.all_gather(parameter_bytes(self.engine.module))
         self.param_gb_per_rank = [b / 2**30 for b in gathered]
+
+    def _check_device(self) -> None:
+        cuda = self.device.type == "cuda"
+        hardware.check_device(
+            self.cfg.precision,
+            self.device.type,
+            self.accel.name,
+            torch.cuda.get_device_capability(self.device) if cuda else None,
+            self.cluster.name,
+            self.cluster.gpus_per_node,
+        )
 
     def _wandb(self) -> dict:
         c = self.cfg
@@ -166,7 +203,7 @@ class Trainer:
         cfg, plan, layout = self.cfg, self.plan, self.plan.layout
         weights = [s.weight for s in cfg.data.sources]
         self.loader = DataLoader(
-            self.sources, weights, layout, self.dp_rank, 0, cfg.data.prefetch, self.device.type
+            self.sources, weights, layout, self.dp_rank, 0, cfg.data.prefetch, self.device
         )
         fallback = self.cluster.device_power_w or self.accel.tdp_w or 0.0
         self.meter = energy.make_meter(
@@ -211,11 +248,9 @@ class Trainer:
 
     # ------------------------------------------------------------------------- one step
 
-    def train_step(self) -> tuple[float, bool, bool]:
-        """Forward/backward over this rank's micro-batches and one optimizer step.
-
-        Returns (mean loss over all ranks, update skipped, stop requested), agreed by all ranks.
-        """
+    def train_step(self) -> Step:
+        """Forward/backward over this rank's micro-batches and one optimizer step; what happened,
+        agreed by all ranks."""
         engine, metrics = self.engine, self.metrics
         lr = lr_at(self.step, self.cfg.optim, self.plan.max_steps)
         for group in engine.optimizer.param_groups:
@@ -223,25 +258,37 @@ class Trainer:
         metrics.begin_step()
         batches = self.loader.next_step()
         metrics.begin_compute()
-        skipped_before = engine.skipped_steps
+        skipped_before = self._updates_skipped()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for i, b in enumerate(batches):
             loss = engine(b.inputs, b.targets)
             engine.backward(loss)
             loss_sum += loss.detach()  # stays on the device: one host sync per step, below
             if i == len(batches) - 1:
-                # one collective per step: the loss, any rank's non-finite loss, stop votes
-                local = loss_sum.item()
-                nonfinite = 0.0 if math.isfinite(local) else 1.0
-                sums = dist.all_reduce({"loss": local, "nonfinite": nonfinite, **self.stop.votes()})
-                if sums["nonfinite"] and self.cfg.parallel.zero_stage == 0:
-                    self.optimizer.skip_next = True  # ZeRO 1-3 discard non-finite steps themselves
                 metrics.begin_optimizer()  # DeepSpeed updates the weights at the last step()
             engine.step()
-        skipped = bool(sums["nonfinite"]) or engine.skipped_steps > skipped_before
+        # One host sync and one collective per step, once the optimizer step is queued (the
+        # device works through it meanwhile): the loss, any rank's non-finite loss, stop votes.
+        local = loss_sum.item()
+        nonfinite = 0.0 if math.isfinite(local) else 1.0
+        sums = dist.all_reduce({"loss": local, "nonfinite": nonfinite, **self.stop.votes()})
         loss = sums["loss"] / (len(batches) * self.world)
+        skipped = sums["nonfinite"] > 0 or self._updates_skipped() > skipped_before
+        scale = self._loss_scale()
+        # fp16's loss scaler skipping an overflow is normal while its scale is above the minimum
+        overflow = skipped and math.isfinite(loss) and scale is not None and scale > MIN_LOSS_SCALE
         metrics.end_step(loss, skipped_steps=self.guard.skipped_steps + skipped)
-        return loss, skipped, self.stop.agree(sums)
+        return Step(loss, skipped, overflow, scale, self.stop.agree(sums))
+
+    def _updates_skipped(self) -> int:
+        """Updates skipped so far: by DeepSpeed's optimizers, or by ours (fp32 without ZeRO)."""
+        return self.engine.skipped_steps + getattr(self.optimizer, "skipped_steps", 0)
+
+    def _loss_scale(self) -> float | None:
+        """fp16's current loss scale (None in bf16 and fp32)."""
+        if self.cfg.precision != "fp16":
+            return None
+        return float(self.engine.optimizer.loss_scale)
 
     def roll_back(self) -> bool:
         """Reload the last checkpoint's weights and optimizer, but keep reading from the current
@@ -274,10 +321,11 @@ class Trainer:
         self._hook("on_start")
         try:
             while self.step < self.plan.max_steps and not stopped:
-                loss, skipped, stopped = self.train_step()
+                step = self.train_step()
                 self.step += 1
-                self._hook("on_step_end", loss, skipped)
-                if self._guard(loss, skipped) and not stopped:
+                stopped = step.stop
+                self._hook("on_step_end", step.loss, step.skipped)
+                if self._guard(step) and not stopped:
                     continue  # rolled back: go on from the checkpoint's step
                 last = self.step == self.plan.max_steps
                 record = self._log_and_evaluate(last) or record
@@ -308,15 +356,16 @@ class Trainer:
         for callback in self.callbacks:
             getattr(callback, name)(self, *args)
 
-    def _guard(self, loss: float, skipped: bool) -> bool:
+    def _guard(self, step: Step) -> bool:
         """Let the guard judge the step; True if it asked for a rollback and got one."""
-        verdict = self.guard.check(loss, skipped)
-        if verdict:
+        verdict = self.guard.check(step.loss, step.skipped, step.overflow)
+        if verdict == "overflow":
+            scale = step.loss_scale
+            self.logger.event({"event": "overflow_skip", "step": self.step, "loss_scale": scale})
+        elif verdict:
             kind = "skipped_step" if verdict == "nonfinite" else "loss_spike"
-            streak = self.guard.bad_streak
-            self.logger.event(
-                {"event": kind, "step": self.step, "loss": loss, "bad_streak": streak}
-            )
+            info = {"step": self.step, "loss": step.loss, "bad_streak": self.guard.bad_streak}
+            self.logger.event({"event": kind, **info})
         if self.guard.should_roll_back and self.roll_back():
             self.guard.rolled_back()
             return True
@@ -336,8 +385,13 @@ class Trainer:
             rollbacks=self.guard.rollbacks,
             param_mem_gb=max(self.param_gb_per_rank),
         )
+        if self.cfg.precision == "fp16":
+            record["loss_scale"] = self._loss_scale()
         if evaluate:
             record.update(self.evaluator.evaluate())
+        if not self._compile_reported and compile_reason(self.cfg, self.device) is None:
+            self.logger.event({"event": "compiled", "step": self.step, **compile_counters()})
+            self._compile_reported = True
         self.logger.log(record)
         self._hook("on_log", record)
         return record
@@ -370,6 +424,7 @@ class Trainer:
                 "peak_source": self.peak_source,
                 "energy_method": self.meter.method,
                 "energy_reason": self.meter.reason,
+                "compile": compile_reason(cfg, self.device) or "each block and the loss",
                 "skipped_steps": self.guard.skipped_steps,
             }
         )

@@ -182,3 +182,42 @@ def test_a_failing_run_records_the_error_and_exits_as_a_user_error(tiny_dataset,
     (error,) = events(run_dir, "error")
     assert error["type"] == "TooManyRollbacks" and error["step"] == 2
     assert "lower the learning rate" in error["message"]
+
+
+def adam_steps(checkpoint) -> set[int]:
+    """Adam's step counts (updates really applied) in a checkpoint's optimizer states."""
+    import torch
+
+    found = set()
+
+    def walk(node):
+        if isinstance(node, dict):
+            if isinstance(node.get("state"), dict):
+                for s in node["state"].values():
+                    if isinstance(s, dict) and "step" in s:
+                        found.add(int(float(s["step"])))
+            for v in node.values():
+                walk(v)
+
+    for f in checkpoint.glob("*.pt"):
+        if not f.name.startswith("rng-"):
+            walk(torch.load(f, weights_only=False, map_location="cpu"))
+    return found
+
+
+@pytest.mark.parametrize(
+    "precision, zero_stage",
+    [("fp32", 0), ("fp32", 2), ("bf16", 1)],
+    ids=["fp32-zero0", "fp32-zero2", "bf16-zero1"],
+)
+def test_a_skipped_step_costs_exactly_one_update(tiny_dataset, tmp_path, precision, zero_stage):
+    """A non-finite step is skipped, and the next good one is applied (a flag left armed used to
+    eat it under ZeRO-0 with bf16): 8 steps with one NaN make 7 updates."""
+    run_dir = tmp_path / "skip"
+    extra = {"precision": precision, "parallel.zero_stage": zero_stage, "run.max_steps": 8}
+    run_train(
+        TINY, base(tiny_dataset, run_dir, **extra), env={"MEGATRAIN_INJECT_NAN_AT_STEPS": "4"}
+    )
+    assert [e["step"] for e in events(run_dir, "skipped_step")] == [4]
+    assert all(math.isfinite(v) for s, v in losses(run_dir).items() if s != 4)
+    assert adam_steps(run_dir / "checkpoints" / "step00000008") == {7}

@@ -66,6 +66,12 @@ def test_cross_field_checks_name_the_key():
     ):
         load_config(TINY, ["parallel.offload_optimizer=cpu", "parallel.zero_stage=0"])
     load_config(TINY, ["parallel.offload_optimizer=cpu", "parallel.zero_stage=1"])
+    # DeepSpeed's mixed precision without ZeRO is per-parameter and unfused, with half-precision
+    # gradient accumulation (and a skipped step armed a flag that ate the next good update)
+    for precision in ("bf16", "fp16"):
+        with pytest.raises(ConfigError, match="use parallel.zero_stage=1"):
+            load_config(TINY, [f"precision={precision}", "parallel.zero_stage=0"])
+    load_config(TINY, ["precision=fp32", "parallel.zero_stage=0"])
     with pytest.raises(ConfigError, match="no models preset 'tiyn'.*did you mean 'tiny'"):
         load_config(TINY, ["model.preset=tiyn"])
 

@@ -4,6 +4,7 @@ import pytest
 
 from megatrain import dist
 from megatrain.dist import DistEnv
+from megatrain.errors import MegatrainError
 
 
 @pytest.mark.parametrize(
@@ -225,3 +226,22 @@ def test_agree_on_root_hands_its_result_or_its_error_to_all():
 
     errors = run_ranks(2, fails_on_root)
     assert all(isinstance(e, ValueError) and e.shared for e in errors)
+
+
+@pytest.mark.parametrize(
+    "local_rank, local_world, visible, gpu",
+    [
+        (2, 4, 4, 2),  # every task sees the node's 4 GPUs: task i takes GPU i
+        (3, 4, 1, 0),  # each task sees only its own (--gpus-per-task=1, per-task binding)
+        (1, 2, 4, 1),  # fewer tasks than GPUs
+        (0, 1, 1, 0),
+    ],
+)
+def test_each_task_gets_its_own_gpu(local_rank, local_world, visible, gpu):
+    assert dist.choose_gpu(local_rank, local_world, visible) == gpu
+
+
+@pytest.mark.parametrize("local_rank, local_world, visible", [(4, 8, 4), (1, 3, 2)])
+def test_more_tasks_than_gpus_is_refused_by_name(local_rank, local_world, visible):
+    with pytest.raises(MegatrainError, match=f"sees {visible} GPUs: start one task per GPU"):
+        dist.choose_gpu(local_rank, local_world, visible)

@@ -45,3 +45,16 @@ def test_a_resumed_guard_sees_a_spike_at_once():
     fresh = StabilityGuard(guard.cfg)  # what a resume gave before the history was saved
     fresh.load_state_dict({"skipped_steps": 1})
     assert fresh.check(50.0, update_skipped=False) is None
+
+
+def test_fp16_overflow_skips_are_counted_but_not_instability():
+    """Dynamic loss scaling skips steps while it finds its scale: streaks of them are normal and
+    must never roll a run back."""
+    guard = warmed_up()
+    history = list(guard.history)
+    for _ in range(5):
+        assert guard.check(4.9, update_skipped=True, overflow=True) == "overflow"
+    assert guard.bad_streak == 0 and not guard.should_roll_back and guard.skipped_steps == 5
+    assert list(guard.history) == history
+    # at the minimum scale (the trainer then says overflow=False), it is a non-finite step
+    assert guard.check(4.9, update_skipped=True) == "nonfinite" and guard.bad_streak == 1

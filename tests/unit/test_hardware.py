@@ -5,6 +5,7 @@ import torch
 
 from megatrain import hardware as hw
 from megatrain.hardware import ACCELERATORS, match_accelerator, peak_flops
+from megatrain.schema import ConfigError
 
 
 def test_datasheet_values():
@@ -112,3 +113,22 @@ def test_detect_accelerator_gpu_names(monkeypatch, device_name, key):
 def test_detect_accelerator_real_gpu():
     accel = hw.detect_accelerator()
     assert accel.name  # a table row, or "unknown-gpu" with the device name
+
+
+def test_a_gpu_profile_without_a_gpu_is_refused():
+    """An sbatch without --gres: training on the node's CPU would look like a very slow run."""
+    with pytest.raises(ConfigError, match="'jean-zay-h100' has 4 GPUs per node but this process"):
+        hw.check_device("bf16", "cpu", "cpu", None, "jean-zay-h100", 4)
+    hw.check_device("fp32", "cpu", "cpu", None, "local", 0)
+
+
+def test_bf16_on_a_gpu_without_bf16_units_is_refused():
+    with pytest.raises(ConfigError, match="set precision=fp16"):
+        hw.check_device("bf16", "cuda", "Tesla V100-SXM2-32GB", (7, 0), "jean-zay-v100", 4)
+    hw.check_device("fp16", "cuda", "Tesla V100-SXM2-32GB", (7, 0), "jean-zay-v100", 4)
+    hw.check_device("bf16", "cuda", "NVIDIA A100-SXM4-80GB", (8, 0), "jean-zay-a100", 8)
+
+
+def test_every_gpu_row_knows_its_memory():
+    assert all(a.memory_gb for a in hw.ACCELERATORS.values())
+    assert hw.ACCELERATORS["V100-SXM2-32GB"].memory_gb == 32
