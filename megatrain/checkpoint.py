@@ -95,8 +95,10 @@ class Checkpointer:
         self.engine, self.dir, self.run = engine, Path(ckpt_dir), run
         self.parts, self.info = parts, info
 
-    def due(self, step: int, final: bool) -> bool:
-        return final or bool(self.run.ckpt_every and step % self.run.ckpt_every == 0)
+    def due(self, step: int, last: bool, stopped: bool) -> bool:
+        """After the last step (unless `run.ckpt_at_end` is off), a stop, and each cadence step."""
+        every = self.run.ckpt_every
+        return stopped or (last and self.run.ckpt_at_end) or bool(every and step % every == 0)
 
     def save(self, step: int) -> Path:
         """A complete checkpoint after `step` optimizer steps; collective (all ranks call it)."""

@@ -178,12 +178,19 @@ class RunConfig:
     """Micro-batches per validation pass on each rank."""
     ckpt_every: int = 0
     """Steps between checkpoints (0: only at the end)."""
+    ckpt_at_end: bool = True
+    """Save a checkpoint when the run reaches its step budget (benchmarks turn it off; a stop
+    on a signal or at `stop_at_step` always saves)."""
     keep: int = 3
     """Most recent checkpoints kept; older ones are deleted."""
     keep_every: int = 0
     """Also keep, forever, the checkpoints of steps that are multiples of this (0: none)."""
     resume: Literal["auto", "never"] = "auto"
     """`auto` continues from the run directory's latest valid checkpoint, if any."""
+    deterministic: bool = False
+    """Only deterministic kernels on GPU (slower: the math attention kernel, a fixed cuBLAS
+    workspace), so that two runs, or a run and its resumed copy, give the same losses bit for
+    bit as on CPU."""
     compile: bool = True
     """torch.compile each transformer block on GPU (not under ZeRO-3; never on CPU); a block
     that cannot be compiled runs eagerly, and events.jsonl says how many graphs and breaks."""

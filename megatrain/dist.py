@@ -215,8 +215,14 @@ def init_process_group(env: DistEnv, timeout: timedelta = timedelta(minutes=30))
     bind = bind and not (
         Version("2.6.0") < Version(torch.__version__.split("+")[0]) < Version("2.7.1")
     )
+    # The rendezvous first: its store lets a rank claim its GPU before NCCL, which refuses two
+    # ranks on one GPU only deep in its set-up, with a message of its own.
+    store, _, _ = next(dist.rendezvous("env://", env.rank, env.world_size, timeout=timeout))
+    if device.type == "cuda":
+        _claim_gpu(store, torch.cuda.get_device_properties(device).uuid, env.rank)
     dist.init_process_group(
         backend,
+        store=store,
         rank=env.rank,
         world_size=env.world_size,
         timeout=timeout,
@@ -224,25 +230,20 @@ def init_process_group(env: DistEnv, timeout: timedelta = timedelta(minutes=30))
     )
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     _objects = dist.new_group(backend="gloo", timeout=OBJECT_TIMEOUT)
-    if device.type == "cuda":
-        _check_one_rank_per_gpu(torch.cuda.get_device_properties(device).uuid)
     return device
 
 
-def _check_one_rank_per_gpu(uuid) -> None:
-    """NCCL refuses two ranks on one GPU, deep in its first collective: say it first, by name."""
+def _claim_gpu(store, uuid, rank: int) -> None:
+    """Count this rank on its GPU in the job's store; the second rank on one GPU stops, by name
+    (the launcher then stops the others)."""
     import socket
 
-    owner: dict[str, int] = {}
-    for rank, gpu in enumerate(all_gather(f"{socket.gethostname()}/GPU-{uuid}")):
-        if gpu in owner:
-            error = MegatrainError(
-                f"ranks {owner[gpu]} and {rank} share one GPU ({gpu}): give every task its own "
-                "GPU (one task per GPU, or `--gpus-per-task=1`)"
-            )
-            error.shared = True  # every rank found it: printed once
-            raise error
-        owner[gpu] = rank
+    gpu = f"{socket.gethostname()}/GPU-{uuid}"
+    if store.add(f"megatrain/gpu/{gpu}", 1) > 1:
+        raise MegatrainError(
+            f"rank {rank} found its GPU ({gpu}) taken by another rank: give every task its own "
+            "GPU (one task per GPU, or `--gpus-per-task=1`)"
+        )
 
 
 def _initialized() -> bool:

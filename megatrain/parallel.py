@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import re
 from types import SimpleNamespace
 
@@ -116,6 +117,17 @@ def apply_activation_checkpointing(model: torch.nn.Module) -> None:
 
     for block in model.blocks:  # the block's forward as it is: compiled, or the class's
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
+def use_deterministic_kernels() -> None:
+    """Run-to-run identical results on GPU: deterministic algorithms only, cuBLAS with a fixed
+    workspace, and the math attention kernel (the fused ones accumulate in a varying order)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read at cuBLAS's first use
+    torch.use_deterministic_algorithms(True, warn_only=True)  # a kernel without: a warning
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cuda.enable_flash_sdp(False)
+    torch.backends.cuda.enable_mem_efficient_sdp(False)
+    torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 def compile_reason(cfg: Config, device: torch.device) -> str | None:

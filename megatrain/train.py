@@ -38,6 +38,7 @@ from megatrain.parallel import (
     compile_counters,
     compile_reason,
     parameter_bytes,
+    use_deterministic_kernels,
 )
 from megatrain.plan import plan_run
 from megatrain.shards import Dataset
@@ -121,6 +122,8 @@ class Trainer:
         self._compile_reported = False
 
         resume = self._resume_point()
+        if cfg.run.deterministic:
+            use_deterministic_kernels()
         torch.manual_seed(cfg.run.seed)
         with self.device:  # built where it trains: no full fp32 copy in host memory per rank
             model = Transformer(cfg.model, cfg.data.seq_len)
@@ -330,7 +333,7 @@ class Trainer:
                 last = self.step == self.plan.max_steps
                 record = self._log_and_evaluate(last) or record
                 stopped = stopped or self.step == self.cfg.run.stop_at_step
-                if self.checkpointer.due(self.step, last or stopped):
+                if self.checkpointer.due(self.step, last, stopped):
                     self._save()
                 if stopped:
                     reason = self.stop.signal or "run.stop_at_step"

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from megatrain.data import (
     IGNORE_INDEX,
@@ -132,3 +133,11 @@ def test_mixture_of_two_datasets_honours_weights_over_a_run(tmp_path):
     for ld in loaders:
         ld.close()
     assert abs(counts[0] / counts.sum() - 0.8) < 0.01
+
+
+def test_the_loader_keeps_the_whole_device_it_is_given(dataset):
+    """Its thread copies batches to the device: "cuda" alone would mean GPU 0 in that thread."""
+    samples = [PackedSamples(dataset, 16, 0.0, seed=0)]
+    loader = DataLoader(samples, [1.0], BatchLayout(2, 1, 1, 16), 0, device=torch.device("cuda", 3))
+    assert loader.device == torch.device("cuda", 3)  # nothing runs before the first step
+    loader.close()
