@@ -217,7 +217,10 @@ def init_process_group(env: DistEnv, timeout: timedelta = timedelta(minutes=30))
     )
     # The rendezvous first: its store lets a rank claim its GPU before NCCL, which refuses two
     # ranks on one GPU only deep in its set-up, with a message of its own.
-    store, _, _ = next(dist.rendezvous("env://", env.rank, env.world_size, timeout=timeout))
+    if env.world_size == 1:  # nobody to meet: no port to take (single-GPU jobs share nodes)
+        store = dist.HashStore()
+    else:
+        store, _, _ = next(dist.rendezvous("env://", env.rank, env.world_size, timeout=timeout))
     if device.type == "cuda":
         _claim_gpu(store, torch.cuda.get_device_properties(device).uuid, env.rank)
     dist.init_process_group(

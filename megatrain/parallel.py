@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import torch
 
-from megatrain.config import Config
+from megatrain.config import Config, ConfigError
 from megatrain.model import TENSOR_PARALLEL_PLAN
 from megatrain.optim import build_optimizer, param_groups
 from megatrain.plan import BatchLayout
@@ -177,6 +177,14 @@ def build_engine(
     The engine uses `device` (DeepSpeed would otherwise take LOCAL_RANK as a GPU index)."""
     import deepspeed
 
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if cfg.parallel.tensor > 1 and device.type == "cuda" and device.index != local_rank:
+        # DeepSpeed's AutoTP selects GPU LOCAL_RANK itself
+        raise ConfigError(
+            f"'parallel.tensor' {cfg.parallel.tensor} needs every task to see all its node's GPUs "
+            f"(this one, local rank {local_rank}, sees only its own): drop `--gpus-per-task` "
+            "and per-task GPU binding, and start one task per GPU"
+        )
     if compile_reason(cfg, device) is None:
         compile_blocks(model)  # inside the activation checkpoints, which wrap each block
     if cfg.parallel.activation_checkpointing:
