@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from megatrain.errors import MegatrainError
+from megatrain.tokens import EOS, byte_decoder
 
-EOS = "<|endoftext|>"
 # GPT-2's pre-tokenization, which HF's ByteLevel pre-tokenizer (use_regex=True) also applies
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
@@ -69,23 +69,6 @@ def load_tokenizer(path: str | Path):
     return tok
 
 
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's byte-to-unicode table, inverted: the printable character that stands for each
-    byte."""
-    printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    chars, n = printable[:], 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(printable, chars)}
-
-
 def to_tiktoken(tok):
     """The same byte-level BPE as a tiktoken Encoding (ranks = HF ids, special tokens kept
     apart)."""
@@ -97,7 +80,7 @@ def to_tiktoken(tok):
         or (spec.get("pre_tokenizer") or {}).get("type") != "ByteLevel"
     ):
         raise TokenizerError("the fast encoder needs a byte-level BPE tokenizer")
-    decode = _byte_decoder()
+    decode = byte_decoder()
     special = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
     ranks = {
         bytes(decode[ch] for ch in token): i

@@ -11,11 +11,15 @@ from pathlib import Path
 
 from megatrain.dist import DistEnv
 from megatrain.errors import MegatrainError
+from megatrain.schema import ConfigError
 
 EXAMPLES = """examples:
   megatrain prep corpus/ --out data/demo --vocab-size 4096
   megatrain train configs/tiny.yaml --nproc 2 data.sources.0.path=data/demo
   megatrain report runs/tiny-demo
+  megatrain export runs/tiny-demo --out exports/tiny-demo
+  megatrain generate runs/tiny-demo --prompt "La rivière"
+  megatrain eval runs/tiny-demo
   megatrain carbon --gpu-hours 1082990 --gpu-power-w 400 --pue 1.2 --intensity 57
   megatrain submit configs/my-run.yaml --cluster jean-zay-h100 --nodes 4 --account xyz
 """
@@ -84,8 +88,11 @@ def cmd_train(args) -> int:
 def dry_run(cfg, world_size: int) -> dict:
     """Model size, FLOPs per token and batch layout, without touching a GPU: the trainer's own
     run plan (the dataset's manifest gives the vocabulary when the config leaves it to it)."""
+    from megatrain.hf import resolve_init_from
     from megatrain.plan import plan_run
     from megatrain.shards import Manifest
+
+    resolve_init_from(cfg)
 
     vocab = (
         Manifest.read(cfg.data.sources[0].path).vocab_size if cfg.model.vocab_size == 0 else None
@@ -142,6 +149,70 @@ def cmd_submit(args) -> int:
         f"{summary['steps']}; run directory {summary['run_dir']}"
     )
     return 0
+
+
+# ----------------------------------------------------------------------------- the trained model
+
+
+def cmd_export(args) -> int:
+    from megatrain.export import export
+
+    export(args.run_dir, args.out, step=args.step, dtype=args.dtype)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from megatrain.generate import Sampling, load_model, print_continuation
+
+    if args.prompts:
+        prompts = [p for p in Path(args.prompts).read_text().splitlines() if p.strip()]
+    else:
+        prompts = [args.prompt]
+    model, tokenizer, eos = load_model(args.path, args.step, _device(args.device))
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
+    for prompt in prompts:
+        print_continuation(model, tokenizer, eos, prompt, args.max_new_tokens, sampling)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from megatrain import evaluate
+
+    path = Path(args.path)
+    if args.tasks:
+        results = evaluate.run_tasks(
+            path, args.tasks.split(","), args.task_dir, args.step, _device(args.device), args.limit
+        )
+        out = evaluate.save_results(path, f"tasks-step{results['step']}", results)
+        print(json.dumps(results["results"], indent=2))
+        print(f"megatrain eval: {out}")
+        return 0
+    from megatrain.generate import load_model
+
+    model, tokenizer, _ = load_model(path, args.step, _device(args.device))
+    device = model.tok_embedding.weight.device
+    if args.data:
+        batches = evaluate.dataset_batches(args.data, model.seq_len, args.max_tokens)
+        name = Path(args.data).name
+    elif (path / "checkpoints").is_dir():
+        from megatrain.weights import checkpoint_weights
+
+        weights = checkpoint_weights(path, args.step)
+        dp_size = weights.manifest.get("layout", {}).get("dp_size", 1)
+        batches, name = evaluate.validation_set(weights.config, dp_size), "validation"
+    else:
+        raise ConfigError("give --data DATA_DIR (or --tasks) to evaluate an exported model")
+    results = evaluate.perplexity(model, tokenizer, batches, device, name)
+    out = evaluate.save_results(path, f"perplexity-{name}", results)
+    print(json.dumps(results, indent=2))
+    print(f"megatrain eval: {out}")
+    return 0
+
+
+def _device(choice: str) -> str:
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu") if choice == "auto" else choice
 
 
 # ----------------------------------------------------------------------------- report, config-doc
@@ -422,7 +493,96 @@ def add_config_doc(sub) -> None:
     p.set_defaults(func=cmd_config_doc)
 
 
-SUBCOMMANDS = [add_prep, add_train, add_submit, add_report, add_carbon, add_config_doc]
+def add_export(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="a run's checkpoint as a Hugging Face model directory",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Write a checkpoint of RUN_DIR as a directory that transformers loads offline "
+        "(AutoModelForCausalLM / AutoTokenizer.from_pretrained): safetensors weights, config.json "
+        "(LlamaForCausalLM or GPT2LMHeadModel), the tokenizer, and a model card recording the "
+        "run, step, tokens seen and checkpoint hashes. Reads ZeRO 0-3 and tensor-parallel "
+        "checkpoints without GPUs, one tensor at a time.",
+        epilog="examples:\n  megatrain export runs/tiny-demo --out exports/tiny-demo\n"
+        "  megatrain export runs/gpt2-124m --step 20000 --out exports/gpt2-124m-20k --dtype bf16",
+    )
+    p.add_argument("run_dir", help="a run directory (it holds checkpoints/)")
+    p.add_argument("--out", required=True, help="the directory to write (new or empty)")
+    p.add_argument("--step", type=int, help="the checkpoint's step (default: the newest)")
+    p.add_argument(
+        "--dtype", choices=["fp32", "bf16", "fp16"], help="weights' precision (default: the run's)"
+    )
+    p.set_defaults(func=cmd_export)
+
+
+def add_generate(sub) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="text a trained model writes after a prompt",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Continue a prompt with a run's newest checkpoint (or --step) or an exported "
+        "model, token by token over a KV cache, printing as it goes, until the end-of-text "
+        "token or --max-new-tokens. Greedy by default; --temperature samples, --top-k and --top-p "
+        "restrict the sampling; the same --seed gives the same text.",
+        epilog="examples:\n  megatrain generate runs/tiny-demo --prompt 'La rivière'\n"
+        "  megatrain generate exports/gpt2-124m --prompts prompts.txt --temperature 0.8 "
+        "--top-p 0.95 --seed 1",
+    )
+    p.add_argument("path", help="a run directory or an exported model directory")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--prompt", help="the text to continue")
+    group.add_argument("--prompts", help="a file of prompts, one per line")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the K most likely tokens")
+    p.add_argument(
+        "--top-p",
+        type=float,
+        default=1.0,
+        help="sample among the fewest most likely tokens whose probability reaches P",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--step", type=int, help="a run's checkpoint (default: the newest)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 (default: a GPU if any)")
+    p.set_defaults(func=cmd_generate)
+
+
+def add_eval(sub) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="perplexity, bits per byte and lm-evaluation-harness tasks of a trained model",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Evaluate a run (its newest checkpoint, or --step) or an exported model, "
+        "offline. Without --tasks: loss, perplexity and bits per byte on the run's validation set "
+        "or on --data (a prepared dataset). With --tasks: EleutherAI's lm-evaluation-harness on "
+        "the model exported to Hugging Face's format, tasks and data read from --task-dir. "
+        "Results go to RUN_DIR/eval/ (and the run's W&B run).",
+        epilog="examples:\n  megatrain eval runs/tiny-demo\n"
+        "  megatrain eval exports/gpt2-124m --data data/fr-en-val\n"
+        "  megatrain eval runs/tiny-demo --tasks megatrain_lastword_fr,megatrain_lastword_en",
+    )
+    p.add_argument("path", help="a run directory or an exported model directory")
+    p.add_argument("--data", help="a prepared dataset to compute perplexity on")
+    p.add_argument("--max-tokens", type=int, default=2**20, help="tokens of --data to use")
+    p.add_argument("--tasks", help="comma-separated lm-evaluation-harness task names")
+    p.add_argument("--task-dir", help="where the task definitions are (default: configs/eval)")
+    p.add_argument("--limit", type=int, help="at most this many examples per task")
+    p.add_argument("--step", type=int, help="a run's checkpoint (default: the newest)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 (default: a GPU if any)")
+    p.set_defaults(func=cmd_eval)
+
+
+SUBCOMMANDS = [
+    add_prep,
+    add_train,
+    add_submit,
+    add_export,
+    add_generate,
+    add_eval,
+    add_report,
+    add_carbon,
+    add_config_doc,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

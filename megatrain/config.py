@@ -34,6 +34,10 @@ class ModelConfig:
     preset: str | None = None
     """Name of a file in configs/models/ (e.g. `gopher-117m`); fields set here override
     the preset's."""
+    init_from: str = ""
+    """A local Hugging Face model directory (LlamaForCausalLM or GPT2LMHeadModel) to start from:
+    its config.json sets the shape (fields here must agree or stay unset) and its weights the
+    first step; the data must be tokenized with its tokenizer.json. A resumed run ignores it."""
     vocab_size: int = 0
     """Vocabulary size; 0 takes it from the dataset manifest; either is rounded up to
     `vocab_multiple`."""

@@ -17,3 +17,16 @@ class MegatrainError(Exception):
     """Something the user can fix; the message says what and how."""
 
     shared = False
+
+
+def need(module: str, extra: str):
+    """Import `module`, which only some commands use, or say which extra installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MegatrainError(
+            f"this command needs the Python package '{module.split('.')[0]}': "
+            f"pip install 'megatrain[{extra}]'"
+        ) from None

@@ -80,7 +80,9 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_head * self.head_dim, cfg.d_model, bias=cfg.bias)
         self.dropout = cfg.dropout
 
-    def forward(self, x, rope):
+    def forward(self, x, rope, cached=None):
+        """`cached` (generation): a callable that appends this call's keys and values to those of
+        the tokens before and returns them all."""
         B, T, _ = x.shape
         # head counts from the projections' actual widths: correct when tensor parallelism
         # splits them
@@ -89,13 +91,15 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if cached is not None:
+            k, v = cached(k, v)
         # grouped-query attention: each k/v head serves several q heads (SDPA repeats them
-        # without a copy)
+        # without a copy). One query token (generation) sees every cached key: no mask.
         y = F.scaled_dot_product_attention(
             q,
             k,
             v,
-            is_causal=True,
+            is_causal=T > 1,
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=k.shape[1] != q.shape[1],
         )
@@ -144,8 +148,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope):
-        x = x + self.dropout(self.attn(self.attn_norm(x), rope))
+    def forward(self, x, rope, cached=None):
+        x = x + self.dropout(self.attn(self.attn_norm(x), rope, cached))
         x = x + self.dropout(self.mlp(self.mlp_norm(x)))
         return x
 
@@ -168,10 +172,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_embedding.weight
-        if cfg.position == "rope":  # buffers, not parameters: rebuilt, never saved
-            cos, sin = rotary_tables(cfg.d_model // cfg.n_head, seq_len, cfg.rope_theta)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_buffers()
         self.apply(self._init_weights)
         # GPT-2's scaled init: each residual branch's output projection by 1/sqrt(2 * n_layer)
         residual_outputs = {
@@ -181,6 +182,16 @@ class Transformer(nn.Module):
             if name.split(".", 2)[-1] in residual_outputs:  # blocks.<i>.attn.o_proj.weight
                 nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layer))
 
+    def reset_buffers(self) -> None:
+        """The rotary tables: buffers, not parameters, computed here and never saved (again after
+        building on the meta device)."""
+        if self.cfg.position == "rope":
+            device = self.tok_embedding.weight.device
+            head_dim = self.cfg.d_model // self.cfg.n_head
+            cos, sin = rotary_tables(head_dim, self.seq_len, self.cfg.rope_theta)
+            self.register_buffer("rope_cos", cos.to(device), persistent=False)
+            self.register_buffer("rope_sin", sin.to(device), persistent=False)
+
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
@@ -189,16 +200,24 @@ class Transformer(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """Logits (B, T, vocab) for `idx` (B, T); with `targets`, the mean cross-entropy instead."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache=None):
+        """Logits (B, T, vocab) for `idx` (B, T); with `targets`, the mean cross-entropy instead.
+        With a `KVCache` (generation), `idx` continues the tokens cached so far."""
         T = idx.shape[1]
+        start = cache.length if cache is not None else 0
+        if start and T > 1:
+            raise ValueError("after the prompt, a cached forward takes one token at a time")
         x = self.tok_embedding(idx)
         if self.pos_embedding is not None:
-            x = x + self.pos_embedding(torch.arange(T, device=idx.device))
+            x = x + self.pos_embedding(torch.arange(start, start + T, device=idx.device))
         x = self.dropout(x)
-        rope = (self.rope_cos, self.rope_sin) if self.cfg.position == "rope" else None
-        for block in self.blocks:
-            x = block(x, rope)
+        rope = None
+        if self.cfg.position == "rope":
+            rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, None if cache is None else cache.layer(i))
+        if cache is not None:
+            cache.length += T
         logits = self.lm_head(self.norm(x))
         if targets is None:
             return logits
@@ -209,6 +228,30 @@ class Transformer(nn.Module):
         megatrain/parallel.py does on GPU, the upcast fuses into the kernel: the fp32 logits of
         the whole batch are never stored.)"""
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1).long())
+
+
+class KVCache:
+    """Keys and values of the tokens generated so far, per block, so that each new token costs
+    one token's forward (megatrain/generate.py)."""
+
+    def __init__(self, model: Transformer, batch: int, max_len: int):
+        cfg = model.cfg
+        weight = model.tok_embedding.weight
+        shape = (batch, cfg.n_kv_head or cfg.n_head, max_len, cfg.d_model // cfg.n_head)
+        self.keys = [weight.new_empty(shape) for _ in range(cfg.n_layer)]
+        self.values = [weight.new_empty(shape) for _ in range(cfg.n_layer)]
+        self.length = 0
+
+    def layer(self, i: int):
+        """Block i's `cached`: store its new keys and values, return all of them so far."""
+
+        def cached(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            end = self.length + k.shape[2]
+            self.keys[i][:, :, self.length : end] = k
+            self.values[i][:, :, self.length : end] = v
+            return self.keys[i][:, :, :end], self.values[i][:, :, :end]
+
+        return cached
 
 
 # ----------------------------------------------------------------------------- counting

@@ -27,8 +27,9 @@ from megatrain.checkpoint import Checkpointer, ResumePoint, find_resumable, find
 from megatrain.config import Config, ConfigError, load_cluster
 from megatrain.data import DataLoader, PackedSamples, validation_batches
 from megatrain.evaluator import Evaluator
-from megatrain.files import atomic_write_text
+from megatrain.files import atomic_write_bytes, atomic_write_text
 from megatrain.guard import StabilityGuard
+from megatrain.hf import check_tokenizer, load_hf_weights, resolve_init_from
 from megatrain.metrics import StepMetrics, resolve_peak
 from megatrain.model import Transformer
 from megatrain.optim import lr_at
@@ -106,6 +107,12 @@ class Trainer:
         self.device = dist.init_process_group(env)
         self.rank, self.world = env.rank, env.world_size
         self.sources = open_sources(cfg, self.rank, self.world)
+        if cfg.model.init_from:  # the shape of the model the run starts from
+            resolve_init_from(cfg)
+            dataset = self.sources[0].dataset
+            check_tokenizer(
+                cfg.model.init_from, dataset.directory / dataset.manifest.tokenizer_file
+            )
         vocab = self.sources[0].dataset.vocab_size
         self.plan = plan_run(cfg, self.world, vocab, env.local_world_size)
         cfg.model = self.plan.model  # with its vocabulary size, for config.yaml and checkpoints
@@ -127,6 +134,8 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)
         with self.device:  # built where it trains: no full fp32 copy in host memory per rank
             model = Transformer(cfg.model, cfg.data.seq_len)
+        if cfg.model.init_from and not resume:
+            load_hf_weights(model, cfg.model.init_from)
         self.engine, self.optimizer = build_engine(
             model,
             cfg,
@@ -147,6 +156,8 @@ class Trainer:
                     "universal": resume.universal,
                 }
             )
+        if cfg.model.init_from and not resume:
+            self.logger.event({"event": "initialized_from", "dir": cfg.model.init_from})
         gathered = dist.all_gather(parameter_bytes(self.engine.module))
         self.param_gb_per_rank = [b / 2**30 for b in gathered]
 
@@ -186,6 +197,10 @@ class Trainer:
         }
         text = yaml.safe_dump({**asdict(self.cfg), "resolved": resolved}, sort_keys=False)
         atomic_write_text(self.cfg.run_dir / "config.yaml", text)
+        # the tokenizer beside it: the run directory alone is enough to export or sample
+        dataset = self.sources[0].dataset
+        tokenizer = dataset.directory / dataset.manifest.tokenizer_file
+        atomic_write_bytes(self.cfg.run_dir / "tokenizer.json", tokenizer.read_bytes())
         return resolved
 
     def _resume_point(self) -> ResumePoint | None:
