@@ -342,10 +342,11 @@ def check_tokenizer(hf_dir: str | Path, dataset_tokenizer: Path) -> None:
     theirs = Path(hf_dir) / "tokenizer.json"
     if not theirs.is_file():
         raise ConversionError(f"{hf_dir} has no tokenizer.json to compare the data's with")
-    if (
-        Tokenizer.from_file(str(theirs)).get_vocab()
-        != Tokenizer.from_file(str(dataset_tokenizer)).get_vocab()
-    ):
+    try:
+        vocab = Tokenizer.from_file(str(theirs)).get_vocab()
+    except Exception as e:  # noqa: BLE001 -- the tokenizers library's own error type
+        raise ConversionError(f"{theirs} is not a tokenizer this can read ({e})") from None
+    if vocab != Tokenizer.from_file(str(dataset_tokenizer)).get_vocab():
         raise ConversionError(
             f"the data was tokenized with {dataset_tokenizer}, whose vocabulary differs from "
             f"{theirs}: prepare it with `megatrain prep ... --tokenizer {theirs}`"
