@@ -27,6 +27,8 @@ demo: install
 	$(BIN)/megatrain prep corpus/ --out $(DEMO_DATA) --vocab-size 4096
 	$(BIN)/megatrain train configs/tiny.yaml --nproc 2 data.sources.0.path=$(DEMO_DATA) run.dir=$(DEMO_RUN)
 	$(BIN)/megatrain report $(DEMO_RUN)
+	$(BIN)/megatrain generate $(DEMO_RUN) --prompts configs/demo-prompts.txt --max-new-tokens 40 \
+		--temperature 0.7 --top-p 0.9 --seed 1
 
 test: install
 	$(BIN)/python -m pytest

@@ -133,7 +133,9 @@ def write_weights(folder: Path, tensors, dtype: torch.dtype) -> list[str]:
             current, size = {}, 0
 
     for name, t in tensors:
-        t = t.to(dtype).contiguous().clone()  # its own storage: safetensors refuses shared ones
+        t = t.to(dtype).contiguous()
+        if t.untyped_storage().nbytes() > t.nbytes:  # a view into a bigger buffer (ZeRO-3's):
+            t = t.clone()  # safetensors stores whole storages and refuses shared ones
         if size and size + t.nbytes > SHARD_BYTES:
             flush()
         current[name], size = t, size + t.nbytes

@@ -16,7 +16,10 @@ def run_cli(*args):
     )
 
 
-@pytest.mark.parametrize("command", ["prep", "train", "submit", "report", "carbon", "config-doc"])
+@pytest.mark.parametrize(
+    "command",
+    ["prep", "train", "submit", "export", "generate", "eval", "report", "carbon", "config-doc"],
+)
 def test_every_subcommand_explains_itself(command):
     out = run_cli(command, "--help")
     assert (
