@@ -271,3 +271,90 @@ def run_tasks(
         "lm_eval_version": str(raw.get("lm_eval_version") or lm_eval.__version__),
         "seconds": time.perf_counter() - started,
     }
+
+
+# ----------------------------------------------------------------------------- W&B
+
+
+def wandb_numbers(name: str, results: dict) -> dict:
+    """The summary keys of one evaluation: eval/<task>/<metric> for lm-eval tasks (results of
+    `run_tasks`), eval/<name>/<metric> otherwise (`perplexity`'s, `name` perplexity-<data>)."""
+    if isinstance(results.get("results"), dict):
+        return {
+            f"eval/{task}/{metric}": value
+            for task, metrics in results["results"].items()
+            for metric, value in metrics.items()
+            if value is not None
+        }
+    return {
+        f"eval/{name}/{k}": v
+        for k, v in results.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    }
+
+
+def wandb_run(run_dir: Path) -> tuple[Path, str, str] | None:
+    """(folder, id, mode) of the newest W&B run of `run_dir`: RUN_DIR/wandb/offline-run-<time>-<id>
+    (offline) or run-<time>-<id> (online); None if it has none."""
+    folders = [
+        p
+        for pattern in ("offline-run-*", "run-*")
+        for p in (run_dir / "wandb").glob(pattern)
+        if p.is_dir()
+    ]
+    if not folders:
+        return None
+    folder = max(folders, key=lambda p: p.name.removeprefix("offline-"))  # run-YYYYmmdd_HHMMSS-id
+    mode = "offline" if folder.name.startswith("offline-") else "online"
+    return folder, folder.name.rsplit("-", 1)[-1], mode
+
+
+def log_to_wandb(path: str | Path, name: str, results: dict) -> str | None:
+    """Put the numbers of one evaluation (see `wandb_numbers`) into the summary of the W&B run
+    of the run `path` is or came from: that run resumed by its id, in the mode it ran in (an
+    offline one adds a folder to RUN_DIR/wandb for `wandb sync`). Returns the line it printed,
+    None when there is no W&B run. W&B failing never fails the evaluation: one line says why."""
+    run_dir = source_run(Path(path))
+    found = wandb_run(run_dir) if run_dir else None
+    if not found:
+        return None
+    folder, run_id, mode = found
+    numbers = wandb_numbers(name, results)
+    try:
+        import yaml
+
+        from megatrain.sinks import reachable, wandb_base_url
+
+        try:
+            config = yaml.safe_load((run_dir / "config.yaml").read_text()).get("wandb") or {}
+        except (OSError, AttributeError, yaml.YAMLError):
+            config = {}
+        if mode == "online" and (why := reachable(wandb_base_url())):
+            raise ConnectionError(why)
+        import wandb
+
+        os.environ.setdefault("WANDB_SILENT", "true")
+        run = wandb.init(
+            id=run_id,
+            resume="allow",
+            mode=mode,
+            dir=str(run_dir),
+            project=config.get("project") or "megatrain",
+            entity=config.get("entity"),
+            settings=wandb.Settings(console="off", x_disable_stats=True, init_timeout=30),
+        )
+        written = Path(run.dir).parent  # RUN_DIR/wandb/<offline-run|run>-<time>-<id>
+        try:
+            run.summary.update(numbers)
+        finally:
+            run.finish()
+        where = f"; sync it with: wandb sync {written}" if mode == "offline" else ""
+        line = f"megatrain eval: {len(numbers)} numbers in the summary of W&B run {run_id}{where}"
+    except Exception as e:  # noqa: BLE001 -- W&B must never fail an evaluation
+        detail = " ".join(str(e).split())[:200]
+        line = (
+            f"megatrain eval: not logged to W&B run {run_id} ({folder}): "
+            f"{type(e).__name__}: {detail}"
+        )
+    print(line)
+    return line
