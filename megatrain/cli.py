@@ -183,9 +183,11 @@ def cmd_eval(args) -> int:
         results = evaluate.run_tasks(
             path, args.tasks.split(","), args.task_dir, args.step, _device(args.device), args.limit
         )
-        out = evaluate.save_results(path, f"tasks-step{results['step']}", results)
+        step = results["step"]
+        out = evaluate.save_results(path, "tasks" if step is None else f"tasks-step{step}", results)
         print(json.dumps(results["results"], indent=2))
         print(f"megatrain eval: {out}")
+        evaluate.log_to_wandb(path, out.stem, results)
         return 0
     from megatrain.generate import load_model
 
@@ -206,6 +208,7 @@ def cmd_eval(args) -> int:
     out = evaluate.save_results(path, f"perplexity-{name}", results)
     print(json.dumps(results, indent=2))
     print(f"megatrain eval: {out}")
+    evaluate.log_to_wandb(path, out.stem, results)
     return 0
 
 
