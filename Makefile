@@ -36,7 +36,7 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow and not slurm"
 
-LINTED := megatrain data_prep tests bench corpus
+LINTED := megatrain data_prep tests bench corpus configs
 lint: install
 	$(BIN)/ruff format --check $(LINTED)
 	$(BIN)/ruff check $(LINTED)
