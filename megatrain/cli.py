@@ -16,6 +16,7 @@ from megatrain.schema import ConfigError
 EXAMPLES = """examples:
   megatrain prep corpus/ --out data/demo --vocab-size 4096
   megatrain train configs/tiny.yaml --nproc 2 data.sources.0.path=data/demo
+  megatrain plan configs/runs/gopher-1.4b.yaml --cluster jean-zay-h100 --nodes 8
   megatrain report runs/tiny-demo
   megatrain export runs/tiny-demo --out exports/tiny-demo
   megatrain generate runs/tiny-demo --prompt "La rivière"
@@ -74,7 +75,8 @@ def cmd_train(args) -> int:
     catch_stop_signals()  # a time-limit warning during the slow start-up must not kill us
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
-        print(json.dumps(dry_run(cfg, args.world_size or args.nproc)))
+        info = dry_run(cfg, args.world_size or args.nproc)
+        print(json.dumps(info))
         return 0
     if args.nproc > 1 and DistEnv.from_environ().world_size == 1:
         return _launch_local(args)
@@ -87,17 +89,107 @@ def cmd_train(args) -> int:
 
 def dry_run(cfg, world_size: int) -> dict:
     """Model size, FLOPs per token and batch layout, without touching a GPU: the trainer's own
-    run plan (the dataset's manifest gives the vocabulary when the config leaves it to it)."""
+    run plan (the dataset's manifest gives the vocabulary when the config leaves it to it), and
+    `megatrain plan`'s forecast on the config's cluster (memory alone on a CPU profile)."""
+    from megatrain.config import load_cluster
+    from megatrain.forecast import forecast
     from megatrain.hf import resolve_init_from
+    from megatrain.memory import memory_per_gpu
     from megatrain.plan import plan_run
     from megatrain.shards import Manifest
 
     resolve_init_from(cfg)
-
     vocab = (
         Manifest.read(cfg.data.sources[0].path).vocab_size if cfg.model.vocab_size == 0 else None
     )
-    return plan_run(cfg, world_size, vocab).summary()
+    plan = plan_run(cfg, world_size, vocab)
+    info = plan.summary()
+    profile = load_cluster(cfg.cluster)
+    if profile.gpus_per_node:  # the forecast on the config's cluster
+        nodes = -(-world_size // profile.gpus_per_node)
+        info["plan"] = forecast(cfg, profile, nodes, world_size, vocab=vocab).summary()
+    else:
+        memory = memory_per_gpu(cfg, plan, gpu=False)
+        info["memory_gb_per_process"] = {
+            k: round(v, 3) if isinstance(v, float) else v for k, v in memory.items()
+        }
+    return info
+
+
+def _vocab(cfg) -> int | None:
+    """The dataset's vocabulary when the config leaves it to the dataset and the dataset is here
+    (`megatrain plan` also works before the data is prepared: then GPT-2's 50,257)."""
+    from megatrain.shards import Manifest
+
+    if cfg.model.vocab_size:
+        return None
+    path = Path(cfg.data.sources[0].path) if cfg.data.sources else None
+    if path and (path / "manifest.json").is_file():
+        return Manifest.read(path).vocab_size
+    return 50257
+
+
+# ----------------------------------------------------------------------------- plan
+
+
+def _node_counts(text: str) -> list[int]:
+    """ "8" -> [8]; "2-16" -> [2, 4, 8, 16] (doubling, and the upper end)."""
+    low, _, high = text.partition("-")
+    try:
+        a, b = int(low), int(high or low)
+    except ValueError:
+        raise ConfigError(f"--nodes {text!r}: expected N or A-B, e.g. 8 or 2-16") from None
+    if not 1 <= a <= b:
+        raise ConfigError(f"--nodes {text!r}: expected 1 <= A <= B")
+    counts = []
+    while a < b:
+        counts.append(a)
+        a *= 2
+    return [*counts, b]
+
+
+def cmd_plan(args) -> int:
+    from megatrain import forecast as fc
+    from megatrain.config import load_cluster, load_config
+    from megatrain.hf import resolve_init_from
+
+    cfg = load_config(args.config, args.overrides)
+    resolve_init_from(cfg)
+    profile = load_cluster(args.cluster or cfg.cluster)
+    vocab = _vocab(cfg)
+    calibrated = fc.calibration(args.calibrate, profile) if args.calibrate else None
+    nodes = _node_counts(args.nodes)
+    if args.search:
+        found = fc.search(cfg, profile, nodes, calibrated, vocab)
+        if args.json:
+            print(json.dumps([f.summary() for f in found]))
+        else:
+            print(
+                f"search: {len(found)} layouts fit on {args.nodes} node(s) of {profile.name}; "
+                "fastest first, then fewest kWh"
+            )
+            print(fc.render_search(found))
+        return 0 if found else 1
+    if len(nodes) > 1:
+        raise ConfigError("--nodes A-B is for --search; give one node count")
+    result = fc.forecast(cfg, profile, nodes[0], args.gpus, calibrated, vocab)
+    out = result.summary()
+    if args.budget_gpu_hours:
+        out["budget"] = fc.budget_advice(result, args.budget_gpu_hours)
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(fc.render(result))
+        if "budget" in out:
+            b = out["budget"]
+            print(
+                f"  budget         {b['gpu_hours']:,.0f} GPU-hours buy {b['flops']:.3g} FLOPs "
+                f"here: compute-optimal {b['params'] / 1e9:.3g}B parameters on "
+                f"{b['tokens'] / 1e9:.3g}B tokens (loss {b['predicted_loss']:.3f}); the 20 "
+                f"tokens/parameter rule: {b['rule_params'] / 1e9:.3g}B on "
+                f"{b['rule_tokens'] / 1e9:.3g}B"
+            )
+    return 0 if result.fits else 1
 
 
 # ----------------------------------------------------------------------------- submit
@@ -110,8 +202,10 @@ def cmd_submit(args) -> int:
     from megatrain.config import load_cluster
 
     time_min = submit.parse_slurm_time(args.time)
+    cfg = submit.prepare(args.config, args.overrides, args.cluster)
+    if not args.force and not _fits(cfg, args.nodes, args.tasks_per_node):
+        return 2
     if args.dry_run:
-        cfg = submit.prepare(args.config, args.overrides, args.cluster)
         params = submit.slurm_parameters(
             load_cluster(cfg.cluster),
             nodes=args.nodes,
@@ -124,8 +218,7 @@ def cmd_submit(args) -> int:
         print(json.dumps(params, indent=2))
         return 0
     job = submit.submit(
-        args.config,
-        args.overrides,
+        cfg,
         cluster=args.cluster,
         nodes=args.nodes,
         tasks_per_node=args.tasks_per_node,
@@ -149,6 +242,40 @@ def cmd_submit(args) -> int:
         f"{summary['steps']}; run directory {summary['run_dir']}"
     )
     return 0
+
+
+def _fits(cfg, nodes: int, tasks_per_node: int | None) -> bool:
+    """`megatrain plan`'s verdict on a GPU cluster; when it will not fit, say so with the plan
+    and the nearest layout that does."""
+    from megatrain import forecast as fc
+    from megatrain.config import load_cluster
+
+    profile = load_cluster(cfg.cluster)
+    if not profile.gpus_per_node:
+        return True  # CPU processes: nothing to forecast
+    vocab = _vocab(cfg)
+    gpus = nodes * (tasks_per_node or profile.gpus_per_node)
+    result = fc.forecast(cfg, profile, nodes, gpus, vocab=vocab)
+    if result.fits:
+        return True
+    print(fc.render(result), file=sys.stderr)
+    nearest = fc.nearest_fitting(cfg, profile, nodes, vocab)
+    if nearest:
+        changed = {k: v for k, v in nearest.layout().items() if result.layout()[k] != v}
+        print(
+            f"megatrain submit: this run will not fit; the nearest layout that does on {nodes} "
+            f"node(s): {changed} ({nearest.memory['total']:.1f} GiB per GPU, "
+            f"{nearest.wall_clock_days:.3g} days); override with --force",
+            file=sys.stderr,
+        )
+    else:
+        print(
+            f"megatrain submit: this run will not fit, and no layout does on {nodes} node(s): "
+            "more nodes, or a smaller model (`megatrain plan ... --search --nodes A-B`); "
+            "override with --force",
+            file=sys.stderr,
+        )
+    return False
 
 
 # ----------------------------------------------------------------------------- the trained model
@@ -362,6 +489,37 @@ def add_train(sub) -> None:
     p.set_defaults(func=cmd_train)
 
 
+def add_plan(sub) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="will a run fit, how long, how many GPU-hours, kWh and CO2 (before queueing it)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Forecast a run on a cluster profile: memory per GPU (model states by ZeRO "
+        "stage, tensor size and offload; activations measured on the real model with fake "
+        "tensors), step time from FLOPs, peak and MFU (measured with --calibrate, else assumed "
+        "and labelled so) plus communication, Slurm jobs at the QoS limit, GPU-hours, energy "
+        "and CO2e, and compute-optimal scaling. Exit status 1 when it does not fit.",
+        epilog="examples:\n"
+        "  megatrain plan configs/runs/gopher-1.4b.yaml --cluster jean-zay-h100 --nodes 8\n"
+        "  megatrain plan configs/runs/gopher-7.1b.yaml --cluster jean-zay-v100 --nodes 16 "
+        "precision=fp16 --search\n"
+        "  megatrain plan configs/runs/gpt2-124m.yaml --cluster jean-zay-a100 --nodes 1 "
+        "--calibrate runs/gpt2-124m --budget-gpu-hours 5000 --json",
+    )
+    p.add_argument("config", help="run config YAML")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.add_argument("--cluster", help="cluster profile (default: the config's `cluster` key)")
+    p.add_argument("--nodes", default="1", help="nodes (default 1); A-B with --search")
+    p.add_argument("--gpus", type=int, help="GPUs in all, when fewer than the nodes have")
+    p.add_argument("--calibrate", metavar="RUN_DIR", help="take MFU and power from this run")
+    p.add_argument(
+        "--budget-gpu-hours", type=float, help="the compute-optimal model this budget buys"
+    )
+    p.add_argument("--search", action="store_true", help="every layout that fits, fastest first")
+    p.add_argument("--json", action="store_true", help="one JSON object (a list with --search)")
+    p.set_defaults(func=cmd_plan)
+
+
 def add_submit(sub) -> None:
     p = sub.add_parser(
         "submit",
@@ -410,6 +568,11 @@ def add_submit(sub) -> None:
         "--dry-run",
         action="store_true",
         help="print the Slurm parameters as JSON and submit nothing",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="submit even when `megatrain plan` says the run will not fit in GPU memory",
     )
     p.set_defaults(func=cmd_submit)
 
@@ -578,6 +741,7 @@ def add_eval(sub) -> None:
 SUBCOMMANDS = [
     add_prep,
     add_train,
+    add_plan,
     add_submit,
     add_export,
     add_generate,
@@ -607,7 +771,7 @@ def main(argv: list[str] | None = None) -> int:
     # overrides may come after options (`train CONFIG --nproc 2 run.max_steps=10`): collect them
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if args.command not in ("train", "submit") or any(
+        if args.command not in ("train", "plan", "submit") or any(
             "=" not in e or e.startswith("-") for e in extra
         ):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")

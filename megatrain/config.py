@@ -288,6 +288,15 @@ class ClusterProfile:
     """GPUs per node; jobs start one task per GPU. 0 on CPU-only machines."""
     cpus_per_node: int = 0
     """Physical CPU cores per node (hyperthreads not counted)."""
+    host_memory_gb: float = 0.0
+    """Host RAM per node in GiB that a job may use (`megatrain plan` checks offload and data
+    loading against it); 0: unknown, not checked."""
+    intra_node_gb_s: float = 0.0
+    """Bandwidth between the GPUs of a node in GB/s per GPU and direction (NVLink), for
+    `megatrain plan`'s communication estimate; 0: no estimate."""
+    inter_node_gb_s: float = 0.0
+    """Network bandwidth per GPU and direction between nodes in GB/s (InfiniBand/Omni-Path
+    links divided among the node's GPUs); 0: no estimate."""
     modules: list[str] = field(default_factory=list)
     """Environment modules a job loads (after `module purge`) before Python starts, e.g.
     `[arch/h100, pytorch-gpu/py3/2.7.0]`."""

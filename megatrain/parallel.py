@@ -25,9 +25,25 @@ from megatrain.plan import BatchLayout
 MIN_LOSS_SCALE = 1  # fp16: an overflow at this scale is a real non-finite step
 
 
-def deepspeed_config(cfg: Config, layout: BatchLayout, load_universal: bool = False) -> dict:
+# DeepSpeed's default bucket sizes, in elements: ZeRO 1-2's reduce and all-gather buckets, and
+# ZeRO-3's prefetch bucket
+REDUCE_BUCKET = 500_000_000
+PREFETCH_BUCKET = 50_000_000
+
+
+def deepspeed_config(
+    cfg: Config, layout: BatchLayout, load_universal: bool = False, params: int | None = None
+) -> dict:
+    """DeepSpeed's JSON for `cfg`; with the model's parameter count, no bucket is allocated
+    larger than the model (DeepSpeed's 5e8-element reduce buckets would take 1-2 GB per GPU for
+    any model size)."""
     p = cfg.parallel
     zero: dict = {"stage": p.zero_stage}
+    if params:
+        zero["reduce_bucket_size"] = min(REDUCE_BUCKET, params)
+        zero["allgather_bucket_size"] = min(REDUCE_BUCKET, params)
+        if p.zero_stage == 3:
+            zero["stage3_prefetch_bucket_size"] = min(PREFETCH_BUCKET, params)
     if p.zero_stage >= 2:
         zero.update(overlap_comm=True, contiguous_gradients=True)
     if p.offload_optimizer != "none":
@@ -86,6 +102,11 @@ def tensor_parallel_config(size: int) -> dict:
             ],
         },
     }
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    """Parameters of `module`, each shared tensor once (tied embeddings)."""
+    return sum(p.numel() for p in module.parameters())
 
 
 def parameter_bytes(module: torch.nn.Module) -> int:
@@ -210,7 +231,7 @@ def build_engine(
         args=SimpleNamespace(device_rank=device.index) if device.type == "cuda" else None,
         model=model,
         optimizer=optimizer,
-        config=deepspeed_config(cfg, layout, load_universal),
+        config=deepspeed_config(cfg, layout, load_universal, count_parameters(model)),
     )
     if cfg.parallel.tensor > 1:
         check_tensor_parallel_groups(cfg.parallel.tensor)

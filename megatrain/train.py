@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from megatrain import dist, energy, faults, hardware
+from megatrain import dist, energy, faults, hardware, probes
 from megatrain.callbacks import Callback
 from megatrain.checkpoint import Checkpointer, ResumePoint, find_resumable, find_resume_point
 from megatrain.config import Config, ConfigError, load_cluster
@@ -30,6 +30,7 @@ from megatrain.evaluator import Evaluator
 from megatrain.files import atomic_write_bytes, atomic_write_text
 from megatrain.guard import StabilityGuard
 from megatrain.hf import check_tokenizer, load_hf_weights, resolve_init_from
+from megatrain.memory import memory_per_gpu
 from megatrain.metrics import StepMetrics, resolve_peak
 from megatrain.model import Transformer
 from megatrain.optim import lr_at
@@ -127,6 +128,7 @@ class Trainer:
         self.resolved = self._write_resolved_config() if self.rank == 0 else {}
         self.stop = StopRequest()
         self._compile_reported = False
+        self.memory_plan: dict | None = None  # rank 0's, until compared with the first record
 
         resume = self._resume_point()
         if cfg.run.deterministic:
@@ -407,12 +409,36 @@ class Trainer:
             record["loss_scale"] = self._loss_scale()
         if evaluate:
             record.update(self.evaluator.evaluate())
+        if self.memory_plan is not None:
+            self._compare_memory(record["mem_gb"])
         if not self._compile_reported and compile_reason(self.cfg, self.device) is None:
             self.logger.event({"event": "compiled", "step": self.step, **compile_counters()})
             self._compile_reported = True
         self.logger.log(record)
         self._hook("on_log", record)
         return record
+
+    def _compare_memory(self, measured_gb: float) -> None:
+        """Once, at the first record: the measured peak against `megatrain plan`'s (on a GPU the
+        allocator's peak against the plan's live bytes; on the CPU the resident set, which also
+        holds the interpreter and libraries)."""
+        plan, self.memory_plan = self.memory_plan, None
+        gpu = self.device.type == "cuda"
+        planned = plan["total"] - plan["overhead"]
+        what = "allocated" if gpu else "resident (interpreter and libraries included)"
+        error = measured_gb / planned - 1 if gpu and planned else None
+        self.logger.event(
+            {
+                "event": "memory_vs_plan",
+                "step": self.step,
+                "measured_gb": measured_gb,
+                "measured": what,
+                "planned_gb": planned,
+                "planned_total_gb": plan["total"],
+                "planned_peak_phase": plan["peak_phase"],
+                "error": error,
+            }
+        )
 
     def _save(self) -> None:
         path = self.checkpointer.save(self.step)
@@ -431,6 +457,14 @@ class Trainer:
             )
             per_rank = " ".join(f"{gb:.3f}" for gb in self.param_gb_per_rank)
             print(f"megatrain: parameter memory per rank (GB): {per_rank}", flush=True)
+            gpu = self.device.type == "cuda"
+            self.memory_plan = memory_per_gpu(cfg, plan, gpu=gpu)
+            print(
+                f"megatrain: planned peak memory per {'GPU' if gpu else 'process'} "
+                f"{self.memory_plan['total'] - self.memory_plan['overhead']:.3f} GiB of tensors"
+                + (f", {self.memory_plan['total']:.2f} GiB with CUDA's own" if gpu else ""),
+                flush=True,
+            )
         self.logger.run_start(
             {
                 "config": asdict(cfg),
@@ -450,6 +484,6 @@ class Trainer:
 
 
 def train(cfg: Config, callbacks: Sequence[Callback] = ()) -> dict:
-    """Train `cfg` on this rank (every rank calls it); faults asked for by the environment (tests)
-    are injected."""
-    return Trainer(cfg, [*callbacks, *faults.from_environ()]).run()
+    """Train `cfg` on this rank (every rank calls it); faults and probes asked for by the
+    environment (tests) are applied."""
+    return Trainer(cfg, [*callbacks, *faults.from_environ(), *probes.from_environ()]).run()

@@ -8,7 +8,8 @@ from megatrain.cli import dry_run
 from megatrain.config import load_cluster, load_config
 from megatrain.hardware import ACCELERATORS
 from megatrain.parallel import deepspeed_config
-from megatrain.plan import memory_per_gpu, plan_run, resolve_batch
+from megatrain.memory import memory_per_gpu
+from megatrain.plan import plan_run, resolve_batch
 from tests.helpers import REPO
 
 RUNS = sorted((REPO / "configs" / "runs").glob("*.yaml"))
@@ -83,7 +84,7 @@ def profiles_named(path) -> list[tuple[str, list[str]]]:
 @pytest.mark.parametrize("path", RUNS, ids=lambda p: p.stem)
 def test_every_run_config_fits_the_profiles_it_names(path):
     """On one node of each profile (the least ZeRO sharding), by the arithmetic of
-    megatrain.plan.memory_per_gpu."""
+    megatrain.memory.memory_per_gpu."""
     named = profiles_named(path)
     assert len(named) >= 2, f"{path.name} names no other profile than {named}"
     for profile, overrides in named:
