@@ -168,6 +168,54 @@ class Check:
         why = None if status == "PASS" else (out.stderr[-2000:] or "it trained")
         return report("two-ranks-one-gpu", status, refused=bool(out.returncode), why=why)
 
+    def memory_plan(self, size: str) -> bool:
+        """`megatrain plan`'s memory against torch.cuda.max_memory_allocated over the first two
+        steps (eager: the plan measures the pass eagerly; compiled, for the record)."""
+        model, seq, micro = {"124m": ("gpt2-124m", 1024, 16), "1.3b": ("gpt2-1.3b", 2048, 8)}[size]
+        from megatrain.config import load_config
+        from megatrain.memory import memory_per_gpu
+        from megatrain.plan import plan_run
+        from megatrain.shards import Manifest
+
+        settings = [
+            f"model.preset={model}",
+            f"data.seq_len={seq}",
+            f"batch.micro_batch={micro}",
+            "batch.grad_accum=1",
+            "batch.global_tokens=0",
+            "run.max_steps=3",
+        ]
+        figures = {}
+        for compile in (False, True):
+            probe = self.work / f"memory-{size}-{compile}"
+            name = f"memory-{size}-{'compiled' if compile else 'eager'}"
+            _, out = self.train(
+                name,
+                *settings,
+                f"run.compile={str(compile).lower()}",
+                env={"MEGATRAIN_MEMORY_PROBE": str(probe)},
+            )
+            if out.returncode:
+                return report(f"memory-plan-{size}", "FAIL", why=out.stderr[-2000:])
+            measured = json.loads(Path(f"{probe}.rank0.json").read_text())
+            figures[f"{'compiled' if compile else 'eager'}_gib"] = round(
+                measured["max_memory_allocated"] / 2**30, 3
+            )
+        cfg = load_config(
+            CONFIG, [f"data.sources.0.path={self.data}", "model.vocab_size=0", *settings]
+        )
+        plan = memory_per_gpu(cfg, plan_run(cfg, 1, Manifest.read(self.data).vocab_size))
+        planned = plan["total"] - plan["overhead"]  # the allocator's peak has no CUDA context
+        error = figures["eager_gib"] / planned - 1
+        status = "PASS" if abs(error) < 0.10 else "FAIL"
+        return report(
+            f"memory-plan-{size}",
+            status,
+            planned_gib=round(planned, 3),
+            error=round(error, 4),
+            **figures,
+        )
+
     def throughput(self, size: str, compile: bool) -> bool:
         model, seq, micro = {"124m": ("gpt2-124m", 1024, 16), "1.3b": ("gpt2-1.3b", 2048, 8)}[size]
         args = [
@@ -213,6 +261,8 @@ CHECKS = [
     "exact-resume",
     "local-rank",
     "two-ranks-one-gpu",
+    "memory-plan-124m",
+    "memory-plan-1.3b",
     "throughput-124m-compiled",
     "throughput-124m-eager",
     "throughput-1.3b-compiled",
@@ -273,6 +323,8 @@ def main() -> int:
         ok &= check.exact_resume()
         ok &= check.local_rank()
         ok &= check.two_ranks_one_gpu()
+        ok &= check.memory_plan("124m")
+        ok &= check.memory_plan("1.3b")
         for size in ("124m", "1.3b"):
             for compile in (True, False):
                 ok &= check.throughput(size, compile)

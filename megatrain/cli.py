@@ -160,13 +160,14 @@ def cmd_plan(args) -> int:
     calibrated = fc.calibration(args.calibrate, profile) if args.calibrate else None
     nodes = _node_counts(args.nodes)
     if args.search:
-        found = fc.search(cfg, profile, nodes, calibrated, vocab)
+        found = fc.search(cfg, profile, nodes, calibrated, vocab, args.rank)
         if args.json:
             print(json.dumps([f.summary() for f in found]))
         else:
+            order = "fastest first" if args.rank == "time" else "fewest kWh first"
             print(
                 f"search: {len(found)} layouts fit on {args.nodes} node(s) of {profile.name}; "
-                "fastest first, then fewest kWh"
+                f"{order}"
             )
             print(fc.render_search(found))
         return 0 if found else 1
@@ -515,7 +516,13 @@ def add_plan(sub) -> None:
     p.add_argument(
         "--budget-gpu-hours", type=float, help="the compute-optimal model this budget buys"
     )
-    p.add_argument("--search", action="store_true", help="every layout that fits, fastest first")
+    p.add_argument("--search", action="store_true", help="every layout that fits, best first")
+    p.add_argument(
+        "--rank",
+        choices=["time", "energy"],
+        default="time",
+        help="--search order: time to train (default) or facility kWh",
+    )
     p.add_argument("--json", action="store_true", help="one JSON object (a list with --search)")
     p.set_defaults(func=cmd_plan)
 

@@ -37,6 +37,11 @@ RECOMPUTE = 4 / 3  # activation checkpointing runs each forward twice: 8 FLOPs p
 OVERLAP = 2 / 3  # the share of a step's compute that data-parallel reductions can hide behind
 JOB_OVERHEAD_H = 0.25  # per Slurm job: start-up, resume, the checkpoint before the time limit
 HOST_PER_PROCESS_GIB = 3.0  # Python, torch, CUDA host state, the loader's pinned batches
+# ZeRO-Offload's optimizer step on the CPU, per GPU: its gradient partition down and weights back
+# over PCIe, and DeepSpeed's CPU Adam over the GPU's share of the node's cores (orders of
+# magnitude, assumed: measure with --calibrate on a run that offloads)
+PCIE_GB_S = 12.0
+CPU_ADAM_PARAMS_PER_S = 1e9
 COMM_WARNING = 0.5  # warn when exposed communication is more than this share of a step
 
 # Hoffmann et al. 2022 (Chinchilla), approach 3: L(N, D) = E + A / N^alpha + B / D^beta
@@ -236,6 +241,9 @@ def forecast(
     tokens_per_step = plan.layout.tokens_per_step
     compute_s = plan.flops_per_token * tokens_per_step * recompute / (world * peak * mfu)
     comm_s, warnings = _communication(cfg, plan, profile, nodes, compute_s)
+    if cfg.parallel.offload_optimizer != "none":
+        partition = plan.params / plan.tp_size / plan.dp_size
+        comm_s += partition * (4 + 2) / (PCIE_GB_S * 1e9) + partition / CPU_ADAM_PARAMS_PER_S
     step_s = compute_s + comm_s
     train_h = plan.max_steps * step_s / 3600
 
@@ -294,7 +302,8 @@ def forecast(
 def _communication(
     cfg: Config, plan: RunPlan, profile: ClusterProfile, nodes: int, compute_s: float
 ) -> tuple[float, list[str]]:
-    """Seconds per step of communication that compute does not hide, and warnings.
+    """Seconds per step of communication that compute does not hide (the time of ZeRO-Offload's
+    CPU step is added by the caller), and warnings.
 
     Data parallelism moves 2 (N-1)/N gradient bytes per step (all-reduce, or ZeRO's
     reduce-scatter plus all-gather), ZeRO-3 one more all-gather of the weights (forward and
@@ -379,9 +388,11 @@ def search(
     node_counts: list[int],
     calibrated: Calibration | None = None,
     vocab: int | None = None,
+    rank_by: str = "time",
 ) -> list[Forecast]:
     """Every layout that fits: ZeRO stage x tensor size x micro-batch x activation checkpointing
-    x optimizer offload, for each node count; fastest first, then fewest kWh."""
+    x optimizer offload, for each node count; fastest first, then fewest kWh (or fewest kWh
+    first with `rank_by="energy"`)."""
     fitting = []
     zero_stages = [0] if cfg.precision == "fp32" else []
     zero_stages += [1, 2, 3]
@@ -409,7 +420,22 @@ def search(
                                 continue  # a layout that cannot exist (uneven splits)
                             if result.fits:
                                 fitting.append(result)
-    fitting.sort(key=lambda f: (f.wall_clock_days, f.carbon.energy_kwh_facility))
+
+    def key(f: Forecast) -> tuple:
+        time, kwh = f.wall_clock_days, f.carbon.energy_kwh_facility
+        # on equal forecasts, what runs faster in practice than a constant MFU says: no
+        # recomputation, no offload, less tensor parallelism, larger micro-batches, less sharding
+        L = f.layout()
+        practice = (
+            L["activation_checkpointing"],
+            L["offload_optimizer"] != "none",
+            L["tp"],
+            -L["micro_batch"],
+            L["zero_stage"],
+        )
+        return (time, kwh, *practice) if rank_by == "time" else (kwh, time, *practice)
+
+    fitting.sort(key=key)
     return fitting
 
 

@@ -105,16 +105,21 @@ def _split_like_tensor_parallel(net: Transformer, tp: int) -> None:
             d_in, d_out = layer.in_features, layer.out_features
             d_in, d_out = (d_in, d_out // tp) if split == "column" else (d_in // tp, d_out)
             bias = layer.bias is not None
-            shard = torch.nn.Linear(d_in, d_out, bias=bias, dtype=layer.weight.dtype)
+            weight = layer.weight  # on the meta device, or fake: no memory, no init
+            shard = torch.nn.Linear(d_in, d_out, bias, weight.device, weight.dtype)
             setattr(owner, child, shard)
+
+
+def _key(model: ModelConfig) -> str:
+    """The model config as a cache key."""
+    return json.dumps(dataclasses.asdict(model), sort_keys=True)
 
 
 def one_pass(cfg: Config, plan: RunPlan) -> dict[str, float]:
     """Bytes of one micro-batch's forward and backward: `activations` (all blocks) and `logits`
     (the embedding output, output layer, loss and their gradients)."""
-    model_json = json.dumps(dataclasses.asdict(plan.model), sort_keys=True)
     blocks, rest = _measure_pass(
-        model_json,
+        _key(plan.model),
         plan.layout.seq_len,
         cfg.precision,
         plan.tp_size,
@@ -124,11 +129,12 @@ def one_pass(cfg: Config, plan: RunPlan) -> dict[str, float]:
     return {"activations": batch * blocks, "logits": batch * rest}
 
 
-def _persistent_parameters(model: ModelConfig, seq_len: int, tp: int) -> int:
+@functools.lru_cache(maxsize=64)
+def _persistent_parameters(model_json: str, seq_len: int, tp: int) -> int:
     """Parameters ZeRO-3 keeps gathered everywhere (each no larger than its persistence
     threshold: norms, biases, the small matrices of small models), per tensor-parallel rank."""
     with torch.device("meta"):
-        net = Transformer(model, seq_len)
+        net = Transformer(ModelConfig(**json.loads(model_json)), seq_len)
     _split_like_tensor_parallel(net, tp)
     return sum(p.numel() for p in net.parameters() if p.numel() <= PERSISTENCE_THRESHOLD)
 
@@ -172,7 +178,7 @@ def model_states(cfg: Config, plan: RunPlan) -> dict[str, float]:
     elif zero == 1:
         states["buffers"] = w * bucket
     if zero == 3:
-        persistent = _persistent_parameters(plan.model, plan.layout.seq_len, tp)
+        persistent = _persistent_parameters(_key(plan.model), plan.layout.seq_len, tp)
         gathered = min(2 * (n - persistent), MAX_LIVE_PARAMETERS + PREFETCH_BUCKET)
         states["params"] = w * n / dp + w * persistent  # partitions, and the small ones whole
         states["grads"] = w * n / dp

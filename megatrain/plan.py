@@ -13,6 +13,8 @@ the same function, so they cannot disagree.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import math
 from dataclasses import dataclass
 
@@ -170,8 +172,7 @@ def plan_run(
     validate_tensor_parallel(cfg, world_size, local_world_size)
     tp = cfg.parallel.tensor
     layout = resolve_batch(cfg, world_size // tp)  # ranks r // tp share a tensor-parallel group
-    seq = cfg.data.seq_len
-    counts = count_params(model, seq)
+    counts = model_size(model, cfg.data.seq_len)
     return RunPlan(
         model=model,
         world_size=world_size,
@@ -181,5 +182,18 @@ def plan_run(
         max_steps=cfg.run.max_steps or math.ceil(cfg.run.max_tokens / layout.tokens_per_step),
         params=counts["params"],
         non_embedding_params=counts["non_embedding_params"],
-        flops_per_token=flops_per_token(model, seq),
+        flops_per_token=counts["flops_per_token"],
     )
+
+
+def model_size(model: ModelConfig, seq_len: int) -> dict[str, int]:
+    """Parameters and training FLOPs per token (each counted on a meta-device model: cached, as
+    `megatrain plan --search` asks for the same model hundreds of times)."""
+    return dict(_model_size(json.dumps(dataclasses.asdict(model), sort_keys=True), seq_len))
+
+
+@functools.lru_cache(maxsize=32)
+def _model_size(model_json: str, seq_len: int) -> tuple:
+    model = ModelConfig(**json.loads(model_json))
+    counts = count_params(model, seq_len)
+    return (*counts.items(), ("flops_per_token", flops_per_token(model, seq_len)))

@@ -39,14 +39,15 @@ class LiveBytes(TorchDispatchMode):
         super().__init__()
         self.known = WeakIdKeyDictionary()
         self.live = self.peak = 0
+        gc.collect()  # no garbage taken for live tensors
         for obj in gc.get_objects():
-            if isinstance(obj, torch.Tensor) and not obj.is_meta:
+            if isinstance(obj, torch.Tensor):
                 self._count(obj.untyped_storage())
         self.peak = self.live
 
     def _count(self, storage) -> None:
-        if storage in self.known:
-            return
+        if storage.device.type == "meta" or storage in self.known:
+            return  # (fake tensors, such as `megatrain plan`'s, have meta storages)
         size = storage.nbytes()
         self.known[storage] = size
         self.live += size
@@ -59,7 +60,7 @@ class LiveBytes(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and not t.is_meta:
+            if isinstance(t, torch.Tensor):
                 self._count(t.untyped_storage())
         return out
 

@@ -18,7 +18,18 @@ def run_cli(*args):
 
 @pytest.mark.parametrize(
     "command",
-    ["prep", "train", "submit", "export", "generate", "eval", "report", "carbon", "config-doc"],
+    [
+        "prep",
+        "train",
+        "plan",
+        "submit",
+        "export",
+        "generate",
+        "eval",
+        "report",
+        "carbon",
+        "config-doc",
+    ],
 )
 def test_every_subcommand_explains_itself(command):
     out = run_cli(command, "--help")
@@ -59,6 +70,39 @@ def test_dry_run_prints_sizes_and_batch_layout(tiny_dataset, capsys):
         2,
         64,
     )
+
+
+def test_dry_run_prints_the_forecast_on_a_gpu_cluster(tiny_dataset, capsys):
+    """On the config's cluster: the same forecast as `megatrain plan`; on a CPU profile, the
+    memory per process alone."""
+    args = ["train", "configs/tiny.yaml", "--dry-run", f"data.sources.0.path={tiny_dataset}"]
+    assert main([*args, "--world-size", "8", "cluster=jean-zay-h100", "precision=bf16"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["plan"]["fits"] and info["plan"]["nodes"] == 2 and info["plan"]["gpu_hours"] > 0
+    assert main([*args, "--world-size", "2"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert "plan" not in info and info["memory_gb_per_process"]["overhead"] == 0
+
+
+def test_submit_refuses_a_run_that_will_not_fit(tiny_dataset):
+    """A 7B model with ZeRO-1 on one V100 node: the table, the nearest layout that fits, exit 2;
+    --force submits anyway (here: --dry-run prints the Slurm parameters)."""
+    args = [
+        "submit",
+        "configs/runs/gopher-7.1b.yaml",
+        f"data.sources.0.path={tiny_dataset}",
+        "model.vocab_size=32000",
+        "precision=fp16",
+        "parallel.zero_stage=1",
+        "--cluster",
+        "jean-zay-v100",
+        "--dry-run",
+    ]
+    out = run_cli(*args)
+    assert out.returncode == 2 and "DOES NOT FIT" in out.stderr
+    assert "the nearest layout that does on 1 node(s): {" in out.stderr and "--force" in out.stderr
+    forced = run_cli(*args, "--force")
+    assert forced.returncode == 0 and json.loads(forced.stdout)["nodes"] == 1
 
 
 def test_config_errors_are_one_line_without_traceback():

@@ -108,6 +108,12 @@ def test_observers_are_handed_numbers(observer):
     assert not imports(f"megatrain.{observer}") & trainer
 
 
+@pytest.mark.parametrize("planner", ["memory", "forecast"])
+def test_the_plan_builds_nothing(planner):
+    loop = {f"megatrain.{m}" for m in ("train", "dist", "checkpoint", "metrics", "requeue")}
+    assert not imports(f"megatrain.{planner}") & loop
+
+
 def test_only_the_command_line_reaches_into_everything():
     assert not any("megatrain.cli" in deps for deps in GRAPH.values())
     users_of_prep = {m for m, deps in GRAPH.items() if any(d.startswith("data_prep") for d in deps)}

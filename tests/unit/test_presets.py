@@ -7,8 +7,8 @@ import pytest
 from megatrain.cli import dry_run
 from megatrain.config import load_cluster, load_config
 from megatrain.hardware import ACCELERATORS
-from megatrain.parallel import deepspeed_config
 from megatrain.memory import memory_per_gpu
+from megatrain.parallel import deepspeed_config
 from megatrain.plan import plan_run, resolve_batch
 from tests.helpers import REPO
 
