@@ -57,7 +57,7 @@ def job_text(cluster, job: str) -> str:
     )
 
 
-BOOKKEEPING = {"run_start", "parameter_memory"}  # written by every job at start; not lifecycle
+BOOKKEEPING = {"run_start", "parameter_memory", "memory_vs_plan"}  # every job, at start
 
 
 def lifecycle_events(run_dir: Path) -> list[dict]:
