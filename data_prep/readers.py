@@ -97,6 +97,8 @@ class ByteCounts:
     """...blank lines (jsonl) and the blank lines between paragraphs (txt)."""
     partial: int = 0
     """...the partial record cut by an archive's damage: dropped."""
+    invalid_utf8: int = 0
+    """Bytes of what was read that are not UTF-8, each replaced by U+FFFD (not in the sums)."""
     files: list[dict] = field(default_factory=list)
     """Each file skipped or damaged: path, reason, bytes (and offsets for damage)."""
 
@@ -381,6 +383,8 @@ def open_binary(path: Path):
     return open(path, "rb")
 
 
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
 PARTIAL = object()
 """`_lines`' text for the partial last record of a damaged archive."""
 
@@ -429,6 +433,8 @@ def _lines(
                 text = line.decode("utf-8")
             except UnicodeDecodeError:
                 text = line.decode("utf-8", errors="replace")
+                escaped = line.decode("utf-8", errors="surrogateescape")  # one per invalid byte
+                ledger.invalid_utf8 += len(_SURROGATES.findall(escaped))
                 on_reject(f"{path}:{number}", "repaired:invalid_utf8")
             yield number, text, len(line)
         if isinstance(raw, Decompressed):
@@ -440,9 +446,6 @@ def _lines(
     if damage is not None:  # the rest of the unit is skipped
         reason = f"{kind}: {damage.pop('error')}"
         ledger.skip(str(path), reason, end - unit.start - done, line=number + 1, **damage)
-
-
-_SURROGATES = re.compile("[\ud800-\udfff]")
 
 
 def _repair_surrogates(text: str, where: str, on_reject: RejectCallback) -> str:

@@ -51,7 +51,18 @@ def build_report(
         files += b.get("files", [])
     byte_report = {
         "in": bytes_in,
-        **{k: counted[k] for k in ("read", "decoded", "documents", "rejected", "blank", "partial")},
+        **{
+            k: counted[k]
+            for k in (
+                "read",
+                "decoded",
+                "documents",
+                "rejected",
+                "blank",
+                "partial",
+                "invalid_utf8",
+            )
+        },
         "skipped": dict(sorted(skipped.items())),
     }
     byte_report["accounted"] = bytes_closes(byte_report, bytes_in)
@@ -165,7 +176,8 @@ def _format_bytes(report: dict) -> list[str]:
         f"skipped" + (f" ({skipped})" if skipped else ""),
         f"bytes read (decompressed): {b['decoded']:,} = {b['documents']:,} in documents + "
         f"{b['rejected']:,} in rejected records + {b['blank']:,} blank + {b['partial']:,} in "
-        "partial records cut by damage",
+        "partial records cut by damage"
+        + (f"; {b['invalid_utf8']:,} invalid UTF-8 bytes replaced" if b["invalid_utf8"] else ""),
     ]
     for f in report["skipped_files"][:SHOWN_FILES]:
         if "documents_kept" in f:  # damaged midway

@@ -1,6 +1,7 @@
 import gzip
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -127,14 +128,18 @@ def test_planted_corpus_is_fully_accounted_for(tmp_path):
         "f.parquet:6": "missing_field",
         "i-empty.jsonl": "empty_file",
         "k-huge.jsonl:1": "too_long",
+        "l-noise.txt": "binary_file",
+        "m-link.jsonl": "unreadable",
     }
     assert report["tokens"] > 0 and report["tokens_per_s"] > 0 and report["workers"] == 1
-    raw = sorted((tmp_path / "raw").iterdir())
+    raw = [p for p in (tmp_path / "raw").iterdir() if p.exists()]  # not the dangling link
     assert (
         report["bytes"]["in"] == sum(p.stat().st_size for p in raw) and report["bytes"]["accounted"]
     )
-    [cut] = report["skipped_files"]  # j.jsonl.gz: its whole documents before the damage are kept
-    assert cut["path"].endswith("j.jsonl.gz") and cut["documents_kept"] > 0
+    skipped = {Path(f["path"]).name: f for f in report["skipped_files"]}
+    assert sorted(skipped) == ["j.jsonl.gz", "l-noise.txt", "m-link.jsonl"]
+    assert skipped["j.jsonl.gz"]["documents_kept"] > 0  # the whole ones before the damage
+    assert report["bytes"]["skipped"]["binary_file"] == 1 << 16
 
 
 def test_bad_lines_are_counted_not_fatal(tmp_path):
@@ -161,6 +166,7 @@ def test_bad_lines_are_counted_not_fatal(tmp_path):
     )
     assert report["rejected"] == {"malformed_json": 1, "missing_field": 1}
     assert report["repaired"] == {"invalid_utf8": 1}
+    assert report["bytes"]["invalid_utf8"] == 40  # b.jsonl: "caf\xe9 " * 40 in Latin-1
     assert report["file_problems"] == {"truncated_or_corrupt_archive": 1, "empty_file": 1}
     # c.jsonl.gz holds copies of a.jsonl's first 5 documents, and so do the whole documents
     # before the cut of d.jsonl.gz: exact dedup removes them
