@@ -182,7 +182,7 @@ def test_truncated_archive_keeps_the_whole_documents_before_the_damage(tmp_path,
     assert damage["path"] == str(path) and damage["documents_kept"] == kept
     assert damage["compressed_offset"] == path.stat().st_size  # cut at the end: all was read
     assert 0 < damage["partial_bytes"] < len(json.dumps({"text": texts[kept]})) + 1
-    assert damage["decompressed_offset"] == ledger.decoded == len(data[: ledger.decoded])
+    assert damage["decompressed_offset"] == ledger.decoded < len(data)
     assert ledger.partial == damage["partial_bytes"] and ledger.documents + ledger.partial == (
         ledger.decoded
     )
@@ -240,7 +240,7 @@ def test_the_bundled_corpus_is_text_by_the_binary_rule():
             assert binary_reason(text.encode("latin-1", "replace")) == "", text[:80]
 
 
-def test_binary_dangling_and_unreadable_files_are_planned_as_skips(tmp_path):
+def test_binary_files_and_dangling_symlinks_are_planned_as_skips(tmp_path):
     (tmp_path / "ok.txt").write_text("un texte en français, déjà lu à l'été\n")
     (tmp_path / "noise.txt").write_bytes(os.urandom(1 << 20))
     os.symlink(tmp_path / "gone.jsonl", tmp_path / "dangling.jsonl")
