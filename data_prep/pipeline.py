@@ -28,7 +28,7 @@ from data_prep import stages
 from data_prep.comm import Comm
 from data_prep.global_dedup import exact_duplicates, near_duplicates
 from data_prep.progress import Progress
-from data_prep.readers import Unit, expand_inputs, plan_units
+from data_prep.readers import Unit, expand_inputs, file_size, plan_units
 from data_prep.recipe import Recipe
 from data_prep.report import build_report, format_table, write_rejects
 from data_prep.state import PrepError, PrepOptions, PrepState, resolve_recipe
@@ -87,7 +87,8 @@ def _fingerprint(recipe: Recipe, files: list[Path]) -> dict:
     if recipe.tokenizer.path:
         rec["tokenizer"]["path"] = sha256_file(recipe.tokenizer.path)
     rec.pop("report")
-    inputs = [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    stats = [f.stat() if f.exists() else f.lstat() for f in files]  # lstat: a dangling symlink
+    inputs = [[str(f.resolve()), s.st_size, s.st_mtime_ns] for f, s in zip(files, stats)]
     return json.loads(json.dumps({"inputs": inputs, "recipe": rec, "format": "megatrain-prep-1"}))
 
 
@@ -132,7 +133,7 @@ def _setup(state: PrepState) -> dict:
         "fingerprint": fingerprint,
         "units": [u.as_dict() for u in units],
         "recipe": recipe.as_dict(),
-        "bytes_in": sum(f.stat().st_size for f in files),
+        "bytes_in": sum(file_size(f) for f in files),
     }
     write_json(work.plan, plan)
     return {"plan": read_json(work.plan)}  # as a resumed run will see it (key order included)

@@ -5,7 +5,12 @@ the output or counted once, as rejected (could not become a document: malformed 
 field, too long), removed by a filter (or "empty" after normalization), or removed by a dedup
 stage:   docs_in == docs_out + sum(rejected) + sum(removed).
 Repairs (invalid UTF-8 replaced) keep the document and are counted apart; so are file-level
-problems (empty file, truncated archive), which are not records.
+problems (empty file, truncated archive, binary or unreadable file), which are not records.
+
+Bytes, checked too (`bytes.accounted`, see `data_prep.readers.ByteCounts`): the inputs' size
+on disk is read + skipped (by reason), and what was read (decompressed) went into documents,
+rejected records, blank lines or the partial record an archive's damage cut. `skipped_files`
+lists each file skipped or damaged, by path, with its reason and bytes.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from data_prep.readers import bytes_closes
 from megatrain.files import atomic_write_text
 
 STAGE_ORDER = ["empty", "length", "quality", "repetition", "language", "exact_dedup", "near_dedup"]
@@ -33,10 +39,33 @@ def build_report(
     """`stages`: the filters and dedup stages the recipe runs, listed in `removed` even at 0."""
     totals = {k: Counter() for k in ("rejected", "repaired", "file_problems", "removed", "reasons")}
     docs_in = 0
+    counted = Counter()  # byte counters summed over units
+    skipped, files = Counter(), []
     for s in scan_stats:
         docs_in += s["docs_in"]
         for k in totals:
             totals[k].update(s[k])
+        b = s.get("bytes", {})  # absent in the markers of a prep started before byte accounting
+        counted.update({k: v for k, v in b.items() if isinstance(v, int)})
+        skipped.update(b.get("skipped", {}))
+        files += b.get("files", [])
+    byte_report = {
+        "in": bytes_in,
+        **{
+            k: counted[k]
+            for k in (
+                "read",
+                "decoded",
+                "documents",
+                "rejected",
+                "blank",
+                "partial",
+                "invalid_utf8",
+            )
+        },
+        "skipped": dict(sorted(skipped.items())),
+    }
+    byte_report["accounted"] = bytes_closes(byte_report, bytes_in)
     totals["removed"]["exact_dedup"] = dedup["exact"]
     totals["removed"]["near_dedup"] = dedup["near"]
     names = set(stages) | {k for k, n in totals["removed"].items() if n}
@@ -54,6 +83,8 @@ def build_report(
         "repaired": dict(sorted(totals["repaired"].items())),
         "file_problems": dict(sorted(totals["file_problems"].items())),
         "bytes_in": bytes_in,
+        "bytes": byte_report,
+        "skipped_files": files,
         "shards": shards,
         "encoder": encoder,
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
@@ -105,17 +136,18 @@ def format_table(report: dict) -> str:
         left -= n
         rows.append((f"  removed: {stage}", -n, left))
     rows.append(("documents out", report["docs_out"], ""))
-    width = max(len(r[0]) for r in rows)
+    extra = {
+        **{f"repaired: {k}": v for k, v in report["repaired"].items()},
+        **{f"file problem: {k}": v for k, v in report["file_problems"].items()},
+    }
+    width = max(len(name) for name in [*(r[0] for r in rows), *extra])
     lines = [f"{'stage':<{width}}  {'documents':>12}  {'left':>12}"]
     lines += [
         f"{name:<{width}}  {n:>12,}  {(f'{rest:,}' if rest != '' else ''):>12}"
         for name, n, rest in rows
     ]
-    extra = {
-        **{f"repaired: {k}": v for k, v in report["repaired"].items()},
-        **{f"file problem: {k}": v for k, v in report["file_problems"].items()},
-    }
     lines += [f"{name:<{width}}  {n:>12,}" for name, n in extra.items()]
+    lines += _format_bytes(report)
     secs = report["seconds"]
     lines.append(
         f"tokens {report['tokens']:,} in {report['shards']} shard(s); "
@@ -126,4 +158,40 @@ def format_table(report: dict) -> str:
     lines.append("time per stage: " + ", ".join(f"{k} {v:.1f} s" for k, v in secs.items()))
     if not report["accounted"]:
         lines.append("WARNING: the counts do not add up; please report this as a bug")
+    if not report["bytes"]["accounted"]:
+        lines.append("WARNING: the byte counts do not add up; please report this as a bug")
     return "\n".join(lines)
+
+
+SHOWN_FILES = 20
+"""Skipped or damaged files named in the printed table (report.json lists them all)."""
+
+
+def _format_bytes(report: dict) -> list[str]:
+    """Where the input bytes went, and the files skipped or damaged."""
+    b = report["bytes"]
+    skipped = ", ".join(f"{k} {v:,}" for k, v in b["skipped"].items())
+    lines = [
+        f"bytes on disk: {b['in']:,} = {b['read']:,} read + {sum(b['skipped'].values()):,} "
+        f"skipped" + (f" ({skipped})" if skipped else ""),
+        f"bytes read (decompressed): {b['decoded']:,} = {b['documents']:,} in documents + "
+        f"{b['rejected']:,} in rejected records + {b['blank']:,} blank + {b['partial']:,} in "
+        "partial records cut by damage"
+        + (f"; {b['invalid_utf8']:,} invalid UTF-8 bytes replaced" if b["invalid_utf8"] else ""),
+    ]
+    for f in report["skipped_files"][:SHOWN_FILES]:
+        if "documents_kept" in f:  # damaged midway
+            at = f"byte {f['decompressed_offset']:,}"
+            if "compressed_offset" in f:
+                at += f" (compressed {f['compressed_offset']:,})"
+            lines.append(
+                f"damaged {f['path']}: {f['reason']} at {at}; "
+                f"{f['documents_kept']:,} documents before it kept, {f['partial_bytes']:,} bytes "
+                f"of a partial record dropped, {f['bytes']:,} bytes skipped"
+            )
+        else:
+            lines.append(f"skipped {f['path']} ({f['bytes']:,} bytes): {f['reason']}")
+    if len(report["skipped_files"]) > SHOWN_FILES:
+        more = len(report["skipped_files"]) - SHOWN_FILES
+        lines.append(f"... and {more:,} more skipped or damaged file(s): see report.json")
+    return lines

@@ -25,7 +25,7 @@ import xxhash
 from data_prep.dedup import text_hash
 from data_prep.filters import first_rejection, normalize
 from data_prep.progress import Progress
-from data_prep.readers import Unit, problem_class, read_unit
+from data_prep.readers import ByteCounts, Unit, problem_class, read_unit
 from data_prep.state import PrepState
 from data_prep.workdir import WorkDir, crash_point, write_json
 from megatrain.files import atomic_path, read_json
@@ -47,6 +47,7 @@ class UnitCounts:
         }
         self.samples: dict[str, list] = {}
         self.limit, self.sample_chars = sample_limit, sample_chars
+        self.bytes = ByteCounts()
 
     def on_reject(self, location: str, reason: str) -> None:
         kind = reason.split(":")[0]
@@ -78,6 +79,7 @@ class UnitCounts:
             "chars_kept": self.chars_kept,
             **{k: dict(v) for k, v in self.counters.items()},
             "samples": self.samples,
+            "bytes": self.bytes.as_dict(),
         }
 
 
@@ -108,6 +110,7 @@ def scan_unit(state: PrepState, unit: Unit, progress: Progress | None = None) ->
             recipe.read.text_field,
             recipe.read.txt_split,
             recipe.read.max_doc_chars,
+            counts.bytes,
         )
         for doc in read:
             counts.docs_in += 1

@@ -36,7 +36,8 @@ class PrepOptions:
     """The `megatrain prep` command line."""
 
     inputs: list[str]
-    """Files, directories or globs of jsonl / txt / parquet (plain, .gz, .zst)."""
+    """Files, directories or globs of jsonl / txt / parquet (text formats plain, .gz, .zst, .bz2,
+    .xz)."""
     out: str
     """The dataset directory to write."""
     recipe: str | None = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -183,6 +184,9 @@ def planted_corpus(out_dir: Path, per_language: int = 24) -> dict:
     (out_dir / "k-huge.jsonl").write_text(
         jsonl([{"text": "word " * 400_000}])
     )  # 2 MB: over max_doc_chars
+    # binary data named .txt (seeded, so every run plans the same), and a dangling symlink
+    (out_dir / "l-noise.txt").write_bytes(random.Random(0).randbytes(1 << 16))
+    (out_dir / "m-link.jsonl").symlink_to(out_dir / "moved-away.jsonl")
     return {
         "exact": 4,  # en[2] in b, fr[4] in c, fr[6] in f, en[0] in g
         "near": 2,  # edited en[3] in b, edited fr[5] in d
@@ -194,7 +198,12 @@ def planted_corpus(out_dir: Path, per_language: int = 24) -> dict:
         },
         "rejected": {"malformed_json": 1, "missing_field": 2, "too_long": 1},
         "repaired": {"invalid_utf8": 1, "lone_surrogate": 1},
-        "file_problems": {"empty_file": 1, "truncated_or_corrupt_archive": 1},
+        "file_problems": {
+            "binary_file": 1,
+            "empty_file": 1,
+            "truncated_or_corrupt_archive": 1,
+            "unreadable": 1,
+        },
     }
 
 

@@ -1,5 +1,7 @@
 import gzip
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -126,8 +128,18 @@ def test_planted_corpus_is_fully_accounted_for(tmp_path):
         "f.parquet:6": "missing_field",
         "i-empty.jsonl": "empty_file",
         "k-huge.jsonl:1": "too_long",
+        "l-noise.txt": "binary_file",
+        "m-link.jsonl": "unreadable",
     }
     assert report["tokens"] > 0 and report["tokens_per_s"] > 0 and report["workers"] == 1
+    raw = [p for p in (tmp_path / "raw").iterdir() if p.exists()]  # not the dangling link
+    assert (
+        report["bytes"]["in"] == sum(p.stat().st_size for p in raw) and report["bytes"]["accounted"]
+    )
+    skipped = {Path(f["path"]).name: f for f in report["skipped_files"]}
+    assert sorted(skipped) == ["j.jsonl.gz", "l-noise.txt", "m-link.jsonl"]
+    assert skipped["j.jsonl.gz"]["documents_kept"] > 0  # the whole ones before the damage
+    assert report["bytes"]["skipped"]["binary_file"] == 1 << 16
 
 
 def test_bad_lines_are_counted_not_fatal(tmp_path):
@@ -154,10 +166,14 @@ def test_bad_lines_are_counted_not_fatal(tmp_path):
     )
     assert report["rejected"] == {"malformed_json": 1, "missing_field": 1}
     assert report["repaired"] == {"invalid_utf8": 1}
+    assert report["bytes"]["invalid_utf8"] == 40  # b.jsonl: "caf\xe9 " * 40 in Latin-1
     assert report["file_problems"] == {"truncated_or_corrupt_archive": 1, "empty_file": 1}
-    # c.jsonl.gz holds copies of a.jsonl's first 5 documents: exact dedup removes them
-    assert report["removed"] == {"empty": 0, "exact_dedup": 5} and report["docs_out"] == 31
-    assert report["docs_in"] == report["docs_out"] + 2 + 5
+    # c.jsonl.gz holds copies of a.jsonl's first 5 documents, and so do the whole documents
+    # before the cut of d.jsonl.gz: exact dedup removes them
+    [cut] = report["skipped_files"]
+    assert cut["path"] == str(tmp_path / "d.jsonl.gz") and cut["documents_kept"] == 2
+    assert report["removed"] == {"empty": 0, "exact_dedup": 7} and report["docs_out"] == 31
+    assert report["docs_in"] == report["docs_out"] + 2 + 7
     locations = [
         json.loads(line)["location"] for line in open(tmp_path / "out" / "rejects" / "input.jsonl")
     ]
@@ -205,3 +221,64 @@ def test_given_tokenizer_is_used_and_its_hash_recorded(tiny_dataset, tmp_path):
     assert (tmp_path / "o" / "tokenizer.json").read_bytes() == (
         tiny_dataset / "tokenizer.json"
     ).read_bytes()
+
+
+def test_binary_dangling_and_truncated_inputs_are_skipped_by_name_and_every_byte_counted(tmp_path):
+    raw = corpus_sample(tmp_path / "raw", docs_per_language=10)  # en.jsonl, fr.jsonl: 20 docs
+    texts = [json.loads(line)["text"] for line in open(raw / "en.jsonl")]
+    (raw / "noise.txt").write_bytes(np.random.default_rng(0).bytes(1 << 20))
+    os.symlink(tmp_path / "moved.jsonl", raw / "link.jsonl")
+    with gzip.open(raw / "more.jsonl.gz", "wt") as f:
+        f.write("".join(json.dumps({"text": t + " (copy two)"}) + "\n" for t in texts[:6]))
+    whole = (raw / "more.jsonl.gz").read_bytes()
+    (raw / "more.jsonl.gz").write_bytes(whole[: len(whole) * 2 // 3])
+    printed = []
+    report = run_prep(
+        PrepOptions(inputs=[str(raw)], out=str(tmp_path / "out"), vocab_size=300),
+        log=printed.append,
+    )
+    skipped = {os.path.basename(f["path"]): f for f in report["skipped_files"]}
+    assert skipped["noise.txt"]["reason"].startswith("binary_file: NUL byte")
+    assert skipped["noise.txt"]["bytes"] == 1 << 20
+    assert (
+        skipped["link.jsonl"]["reason"] == f"unreadable: dangling symlink to {tmp_path}/moved.jsonl"
+    )
+    kept = skipped["more.jsonl.gz"]["documents_kept"]
+    assert 0 < kept < 6 and skipped["more.jsonl.gz"]["partial_bytes"] > 0
+    assert report["file_problems"] == {
+        "binary_file": 1,
+        "truncated_or_corrupt_archive": 1,
+        "unreadable": 1,
+    }
+    # the binary file is no document: 20 + the whole documents of the cut archive, no more
+    assert report["docs_in"] == report["docs_out"] == 20 + kept
+    assert Dataset(tmp_path / "out").manifest.num_documents == 20 + kept
+    b = report["bytes"]
+    assert b["in"] == sum(p.stat().st_size for p in raw.iterdir() if p.exists())
+    assert b["skipped"]["binary_file"] == 1 << 20 and b["partial"] > 0 and b["accounted"]
+    assert b["in"] == b["read"] + sum(b["skipped"].values())
+    assert b["decoded"] == b["documents"] + b["rejected"] + b["blank"] + b["partial"]
+    table = printed[-1]
+    assert f"skipped {raw / 'noise.txt'} (1,048,576 bytes): binary_file: NUL byte" in table
+    assert f"skipped {raw / 'link.jsonl'} (0 bytes): unreadable: dangling symlink" in table
+    assert f"damaged {raw / 'more.jsonl.gz'}: truncated_or_corrupt_archive" in table
+    rejects = [json.loads(line) for line in open(tmp_path / "out" / "rejects" / "input.jsonl")]
+    assert {r["location"] for r in rejects} >= {str(raw / "noise.txt"), str(raw / "link.jsonl")}
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a file whatever its permissions")
+def test_an_unreadable_file_in_a_directory_is_skipped_by_name(tmp_path):
+    raw = corpus_sample(tmp_path / "raw", docs_per_language=5)
+    (raw / "secret.jsonl").write_text(json.dumps({"text": "hidden"}) + "\n")
+    (raw / "secret.jsonl").chmod(0)
+    report = run_prep(
+        PrepOptions(inputs=[str(raw)], out=str(tmp_path / "out"), vocab_size=300), log=quiet
+    )
+    [skipped] = report["skipped_files"]
+    assert skipped == {
+        "path": str(raw / "secret.jsonl"),
+        "reason": "unreadable: permission denied",
+        "bytes": (raw / "secret.jsonl").stat().st_size,
+    }
+    assert report["bytes"]["skipped"] == {"unreadable": skipped["bytes"]}
+    assert report["bytes"]["accounted"] and report["docs_out"] == 10
