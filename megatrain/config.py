@@ -223,8 +223,8 @@ class GuardConfig:
     (0 disables spike detection)."""
     max_bad_steps: int = 3
     """Bad steps (non-finite or spike) in a row before rolling back to the last checkpoint
-    (0: never roll back); with no checkpoint to roll back to, this many non-finite losses in a
-    row stop the run with an error."""
+    (0: never roll back); with no checkpoint to roll back to, this many non-finite steps (loss
+    or gradients) in a row stop the run with an error."""
     max_rollbacks: int = 5
     """Rollbacks allowed in one job before the run stops with an error."""
 
