@@ -778,10 +778,11 @@ def main(argv: list[str] | None = None) -> int:
     # overrides may come after options (`train CONFIG --nproc 2 run.max_steps=10`): collect them
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if args.command not in ("train", "plan", "submit") or any(
-            "=" not in e or e.startswith("-") for e in extra
-        ):
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        # name only what is wrong: an unknown option here; an override without `=` is named by
+        # the config loader
+        unknown = [e for e in extra if e.startswith("-")]
+        if args.command not in ("train", "plan", "submit") or unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
         args.overrides += extra
     try:
         code = args.func(args)

@@ -22,7 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from megatrain.schema import ConfigError, apply_override, field_docs, from_dict, read_yaml
+from megatrain.schema import (
+    ConfigError,
+    Range,
+    apply_override,
+    check_ranges,
+    field_docs,
+    from_dict,
+    read_yaml,
+)
 
 # ----------------------------------------------------------------------------- sections
 
@@ -109,7 +117,7 @@ class OptimConfig:
     lr: float = 6e-4
     """Peak learning rate, reached at the end of warmup."""
     min_lr: float = 6e-5
-    """Floor of the decay."""
+    """Floor of the decay; at most `lr`."""
     warmup_steps: int = 100
     """Linear warmup from 0 to `lr` over this many optimizer steps."""
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
@@ -186,7 +194,7 @@ class RunConfig:
     """Save a checkpoint when the run reaches its step budget (benchmarks turn it off; a stop
     on a signal or at `stop_at_step` always saves)."""
     keep: int = 3
-    """Most recent checkpoints kept; older ones are deleted."""
+    """Most recent checkpoints kept; older ones are deleted (0: keep them all)."""
     keep_every: int = 0
     """Also keep, forever, the checkpoints of steps that are multiples of this (0: none)."""
     resume: Literal["auto", "never"] = "auto"
@@ -215,7 +223,8 @@ class GuardConfig:
     (0 disables spike detection)."""
     max_bad_steps: int = 3
     """Bad steps (non-finite or spike) in a row before rolling back to the last checkpoint
-    (0: never roll back)."""
+    (0: never roll back); with no checkpoint to roll back to, this many non-finite steps (loss
+    or gradients) in a row stop the run with an error."""
     max_rollbacks: int = 5
     """Rollbacks allowed in one job before the run stops with an error."""
 
@@ -306,6 +315,62 @@ class ClusterProfile:
     """Slurm options for this cluster's GPU nodes."""
 
 
+# ----------------------------------------------------------------------------- valid ranges
+
+AT_LEAST_0, AT_LEAST_1, POSITIVE = Range(0), Range(1), Range(0, lo_open=True)
+FRACTION = Range(0, 1, hi_open=True)  # [0, 1)
+
+# The valid values of every number, checked at load (`schema.check_ranges`) and shown in
+# docs/config.md; a float must also be finite. Checks involving several fields are in validate().
+RANGES: dict[type, dict[str, Range]] = {
+    ModelConfig: {
+        **dict.fromkeys(["vocab_size", "n_kv_head", "d_ff"], AT_LEAST_0),
+        **dict.fromkeys(["vocab_multiple", "n_layer", "n_head", "d_model"], AT_LEAST_1),
+        **dict.fromkeys(["norm_eps", "rope_theta", "init_std"], POSITIVE),
+        "dropout": FRACTION,
+    },
+    DataSource: {"weight": POSITIVE},
+    DataConfig: {"seq_len": Range(2), "val_fraction": FRACTION, "prefetch": AT_LEAST_1},
+    OptimConfig: {
+        "lr": POSITIVE,
+        **dict.fromkeys(["min_lr", "warmup_steps", "weight_decay", "clip"], AT_LEAST_0),
+        **dict.fromkeys(["beta1", "beta2"], FRACTION),
+        "eps": POSITIVE,
+    },
+    BatchConfig: {
+        "micro_batch": AT_LEAST_1,
+        **dict.fromkeys(["grad_accum", "global_batch", "global_tokens"], AT_LEAST_0),
+    },
+    ParallelConfig: {"zero_stage": Range(0, 3), "tensor": AT_LEAST_1},
+    RunConfig: {
+        **dict.fromkeys(["max_steps", "max_tokens", "stop_at_step", "seed"], AT_LEAST_0),
+        **dict.fromkeys(["eval_every", "ckpt_every", "keep", "keep_every"], AT_LEAST_0),
+        **dict.fromkeys(["log_every", "eval_batches"], AT_LEAST_1),
+        "max_restarts": AT_LEAST_0,
+    },
+    GuardConfig: {
+        "spike_window": AT_LEAST_1,
+        **dict.fromkeys(["spike_zscore", "max_bad_steps", "max_rollbacks"], AT_LEAST_0),
+    },
+    SlurmOptions: {"cpus_per_task": AT_LEAST_1, "signal_s": AT_LEAST_0},
+    ClusterProfile: {
+        "pue": Range(1),
+        **dict.fromkeys(
+            [
+                "device_power_w",
+                "carbon_intensity_g_per_kwh",
+                "gpus_per_node",
+                "cpus_per_node",
+                "host_memory_gb",
+                "intra_node_gb_s",
+                "inter_node_gb_s",
+            ],
+            AT_LEAST_0,
+        ),
+    },
+}
+
+
 def load_cluster(name_or_path: str) -> ClusterProfile:
     """Load configs/clusters/<name>.yaml (or a path to a YAML file)."""
     path = (
@@ -316,7 +381,9 @@ def load_cluster(name_or_path: str) -> ClusterProfile:
     data = read_yaml(path)
     data.setdefault("name", path.stem)
     try:
-        return from_dict(ClusterProfile, data)
+        profile = from_dict(ClusterProfile, data)
+        check_ranges(profile, RANGES)
+        return profile
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
 
@@ -403,11 +470,10 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
 
 
 def validate(cfg: Config) -> None:
-    """Checks that involve several fields; each error names the key to change."""
+    """Every number finite and in its range (`RANGES`), then the checks that involve several
+    fields; each error names the key to change."""
+    check_ranges(cfg, RANGES)
     m = cfg.model
-    for key in ("n_layer", "n_head", "d_model"):
-        if getattr(m, key) <= 0:
-            raise ConfigError(f"'model.{key}' must be positive, got {getattr(m, key)}")
     if m.d_model % m.n_head:
         raise ConfigError(
             f"'model.d_model' ({m.d_model}) must be divisible by 'model.n_head' ({m.n_head})"
@@ -428,16 +494,6 @@ def validate(cfg: Config) -> None:
     for i, src in enumerate(cfg.data.sources):
         if not src.path:
             raise ConfigError(f"'data.sources.{i}.path' is empty")
-        if src.weight <= 0:
-            raise ConfigError(f"'data.sources.{i}.weight' must be positive, got {src.weight}")
-    if cfg.data.seq_len < 2:
-        raise ConfigError(f"'data.seq_len' must be at least 2, got {cfg.data.seq_len}")
-    if not 0 <= cfg.data.val_fraction < 1:
-        raise ConfigError(f"'data.val_fraction' must be in [0, 1), got {cfg.data.val_fraction}")
-    if cfg.parallel.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(
-            f"'parallel.zero_stage' must be 0, 1, 2 or 3, got {cfg.parallel.zero_stage}"
-        )
     if cfg.parallel.zero_stage == 0 and cfg.precision != "fp32":
         # DeepSpeed's path for it is per-parameter and unfused (a host sync per tensor, an fp32
         # copy of every gradient) and accumulates gradients in half precision
@@ -455,14 +511,8 @@ def validate(cfg: Config) -> None:
         )
     if cfg.parallel.offload_params != "none" and cfg.parallel.zero_stage != 3:
         raise ConfigError("'parallel.offload_params' needs 'parallel.zero_stage: 3'")
-    if cfg.parallel.tensor < 1:
-        raise ConfigError(f"'parallel.tensor' must be at least 1, got {cfg.parallel.tensor}")
-    if cfg.batch.micro_batch < 1:
-        raise ConfigError(f"'batch.micro_batch' must be at least 1, got {cfg.batch.micro_batch}")
     if cfg.run.max_steps <= 0 and cfg.run.max_tokens <= 0:
         raise ConfigError("set 'run.max_steps' or 'run.max_tokens' to say how long to train")
-    if cfg.run.max_restarts < 0:
-        raise ConfigError(f"'run.max_restarts' must be 0 or more, got {cfg.run.max_restarts}")
     if cfg.optim.min_lr > cfg.optim.lr:
         raise ConfigError(
             f"'optim.min_lr' ({cfg.optim.min_lr}) is above 'optim.lr' ({cfg.optim.lr})"
@@ -478,6 +528,9 @@ def config_reference() -> str:
         "# Configuration reference",
         "",
         "Generated by `megatrain config-doc` from megatrain/config.py; do not edit by hand.",
+        "",
+        "Every number must lie in its valid range and every float must be finite: a value",
+        "outside is refused when the config loads, by key, value and range.",
         "",
     ]
 
@@ -512,6 +565,8 @@ def config_reference() -> str:
             key = f"{prefix}.{f.name}" if prefix else f.name
             # a docstring may wrap; a table row may not
             doc = " ".join(docs.get(f.name, "").split())
+            if f.name in RANGES.get(cls, {}):
+                doc += f" Valid: {RANGES[cls][f.name]}."
             lines.append(f"| `{key}` | `{tname}` | `{default!r}` | {doc} |")
         lines.append("")
         if prefix == "data":

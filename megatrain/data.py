@@ -27,6 +27,7 @@ import torch
 
 from megatrain.hashing import mix64
 from megatrain.plan import BatchLayout
+from megatrain.schema import ConfigError
 from megatrain.shards import Dataset
 
 
@@ -89,10 +90,11 @@ class PackedSamples:
         self.num_val = math.ceil(self.num_samples * val_fraction) if val_fraction > 0 else 0
         self.num_train = self.num_samples - self.num_val
         if self.num_train < 1:
-            raise ValueError(
-                f"{dataset.directory}: {dataset.num_tokens} tokens make {self.num_samples} "
-                f"samples of {seq_len} tokens, none left for training; lower data.seq_len or "
-                "add data"
+            held = f", {self.num_val} held out for validation" if self.num_val else ""
+            raise ConfigError(
+                f"'data.seq_len' = {seq_len} is too long for {dataset.directory}: its "
+                f"{dataset.num_tokens} tokens make {self.num_samples} samples{held}, none left "
+                "for training; lower data.seq_len or data.val_fraction, or add data"
             )
         self._split = Permutation(self.num_samples, seed)  # positions [0, num_val) are held out
         self._seed = seed

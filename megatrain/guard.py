@@ -7,7 +7,9 @@
 - A loss spike: a loss more than `spike_zscore` standard deviations above the mean of the last
   `spike_window` good steps is logged (the update is kept: most spikes recover by themselves).
 - `max_bad_steps` bad steps in a row: roll back to the last checkpoint and skip the data that
-  was read since (the usual culprit), as PaLM and OPT did by hand.
+  was read since (the usual culprit), as PaLM and OPT did by hand. With no checkpoint to roll
+  back to, `max_bad_steps` non-finite steps in a row stop the run (`TrainingDiverged`): the
+  weights or optimizer state are already broken, and training on would only save them.
 """
 
 from __future__ import annotations
@@ -22,6 +24,14 @@ from megatrain.errors import MegatrainError
 class TooManyRollbacks(MegatrainError):
     """The run keeps diverging after rolling back; a human should look (LR, data, precision)."""
 
+    shared = True  # every rank judges the same all-reduced loss and raises together
+
+
+class TrainingDiverged(MegatrainError):
+    """The loss or gradients stay non-finite and there is no checkpoint to roll back to."""
+
+    shared = True
+
 
 class StabilityGuard:
     MIN_HISTORY = 20  # steps of history before a z-score means anything
@@ -30,6 +40,7 @@ class StabilityGuard:
         self.cfg = cfg
         self.history: deque[float] = deque(maxlen=max(cfg.spike_window, self.MIN_HISTORY))
         self.bad_streak = 0
+        self.nonfinite_streak = 0  # of the bad streak, non-finite steps (loss or gradients)
         self.skipped_steps = 0  # updates not applied (non-finite), over the whole run
         self.rollbacks = 0  # in this job: guard.max_rollbacks is a per-job cap
 
@@ -72,6 +83,7 @@ class StabilityGuard:
             self.bad_streak = 0
         else:
             self.bad_streak += 1
+        self.nonfinite_streak = self.nonfinite_streak + 1 if verdict == "nonfinite" else 0
         return verdict
 
     @property
@@ -85,4 +97,16 @@ class StabilityGuard:
             raise TooManyRollbacks(
                 f"{self.rollbacks} rollbacks in this job (guard.max_rollbacks = "
                 f"{self.cfg.max_rollbacks}); lower the learning rate or inspect the data"
+            )
+
+    def cannot_roll_back(self, step: int) -> None:
+        """A rollback was due after `step` but there is no checkpoint: stop if the streak is of
+        non-finite steps (spikes keep their updates and may recover by themselves)."""
+        n = self.nonfinite_streak
+        if n >= self.cfg.max_bad_steps:
+            raise TrainingDiverged(
+                f"loss or gradients non-finite for {n} steps from step {step - n + 1} and no "
+                "checkpoint to roll back to: lower optim.lr (or raise optim.warmup_steps), "
+                "check the data, and start again; guard.max_bad_steps sets how many such steps "
+                "stop a run"
             )

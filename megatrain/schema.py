@@ -11,9 +11,11 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import math
 import os
 import types
 import typing
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import yaml
@@ -27,10 +29,16 @@ class ConfigError(MegatrainError):
 
 def read_yaml(path: str | os.PathLike) -> dict:
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path} is a directory; give the path of a YAML file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {e.start}); save the config as UTF-8"
+        ) from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {e}") from None
     if data is None:
@@ -84,6 +92,54 @@ def _list_index(node: list, part: str, key: str) -> int:
             f"override '{key}': index {index} is past the end of a list of {len(node)}"
         )
     return index
+
+
+# ----------------------------------------------------------------------------- valid ranges
+
+
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a number: from `lo` to `hi` (None: unbounded), each end included
+    unless `lo_open` / `hi_open`. Always finite."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def __contains__(self, x: float) -> bool:
+        if not math.isfinite(x):
+            return False
+        if self.lo is not None and (x <= self.lo if self.lo_open else x < self.lo):
+            return False
+        return self.hi is None or (x < self.hi if self.hi_open else x <= self.hi)
+
+    def __str__(self) -> str:
+        if self.hi is None:
+            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        lo = "-inf" if self.lo is None else f"{self.lo:g}"
+        return f"in {'(' if self.lo_open else '['}{lo}, {self.hi:g}{')' if self.hi_open else ']'}"
+
+
+def check_ranges(obj: Any, ranges: dict[type, dict[str, Range]], where: str = "") -> None:
+    """Check every number in a tree of dataclasses: finite, and inside its range when `ranges`
+    (by dataclass, then field name) gives one. The error names the dotted key, value and range."""
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), f"{where}.{f.name}" if where else f.name
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, ranges, key)
+        elif isinstance(value, (list, dict)):
+            for k, v in value.items() if isinstance(value, dict) else enumerate(value):
+                if dataclasses.is_dataclass(v):
+                    check_ranges(v, ranges, f"{key}.{k}")
+                elif isinstance(v, float) and not math.isfinite(v):
+                    raise ConfigError(f"'{key}.{k}' = {v!r}: must be a finite number")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            valid = ranges.get(type(obj), {}).get(f.name)
+            if not math.isfinite(value) or (valid is not None and value not in valid):
+                what = "a finite number" if isinstance(value, float) else ""
+                must = " ".join(w for w in (what, str(valid or "")) if w)
+                raise ConfigError(f"'{key}' = {value!r}: must be {must}")
 
 
 # ----------------------------------------------------------------------------- dict -> dataclasses

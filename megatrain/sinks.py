@@ -6,7 +6,9 @@
 - Weights & Biases: offline by default (RUN_DIR/wandb/, `wandb sync` later). Online only when
   configured, and only if the W&B host answers within seconds: compute nodes have no network,
   and W&B would otherwise hang ~100 s and fail. The fallback is offline, said on the console
-  and in events.jsonl. Never takes a run down.
+  and in events.jsonl. Never takes a run down: its start and finish are bounded in time, and
+  any error from it (a dead helper process, a failing server) becomes one `wandb_failed`
+  event, after which the run goes on without W&B; metrics.jsonl stays complete.
 - the console: one plain line per interval (Slurm logs); on a terminal also a progress bar
   with the ETA and the projected final energy and CO2.
 """
@@ -21,6 +23,8 @@ import time
 from pathlib import Path
 
 WANDB_PROBE_TIMEOUT_S = 3.0
+WANDB_INIT_TIMEOUT_S = 15.0  # wandb.init waiting for its helper process and, online, the server
+WANDB_FINISH_TIMEOUT_S = 60.0  # run.finish flushing (online: uploading) at the end of a job
 
 
 def event_line(record: dict) -> str:
@@ -103,13 +107,11 @@ class WandbSink:
         os.environ.setdefault("WANDB_SILENT", "true")
         self.fallback = reachable(wandb_base_url()) if mode == "online" else None
         args = dict(dir=str(run_dir), name=name, project=project, entity=entity, config=config)
-        settings = dict(console="off", x_disable_stats=True)
+        settings = dict(console="off", x_disable_stats=True, init_timeout=WANDB_INIT_TIMEOUT_S)
         self.mode = "offline" if self.fallback else mode
         if self.mode == "online":
             try:
-                self.run = wandb.init(
-                    mode="online", settings=wandb.Settings(init_timeout=30, **settings), **args
-                )
+                self.run = wandb.init(mode="online", settings=wandb.Settings(**settings), **args)
                 return
             # no API key, refused login, timeout: keep training, offline
             except Exception as e:  # noqa: BLE001
@@ -131,8 +133,24 @@ class WandbSink:
     def update_config(self, info: dict) -> None:
         self.run.config.update(info, allow_val_change=True)
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, timeout: float = WANDB_FINISH_TIMEOUT_S) -> None:
+        """Finish the W&B run, waiting at most `timeout` s (a stuck helper must not hold the job
+        past its end); raises what finish raised, or TimeoutError."""
+        errors: list[Exception] = []
+
+        def finish():
+            try:
+                self.run.finish()
+            except Exception as e:  # noqa: BLE001 -- raised below, in the caller's thread
+                errors.append(e)
+
+        thread = threading.Thread(target=finish, name="wandb-finish", daemon=True)
+        thread.start()
+        thread.join(timeout)
+        if thread.is_alive():
+            raise TimeoutError(f"W&B finish did not return within {timeout:g} s")
+        if errors:
+            raise errors[0]
 
 
 # ----------------------------------------------------------------------------- console
@@ -269,7 +287,8 @@ class ConsoleSink:
 
 
 class MetricsLogger:
-    """Fans records out to the sinks; a no-op on ranks other than 0."""
+    """Fans records out to the sinks; a no-op on ranks other than 0. W&B is optional: any error
+    from it is one `wandb_failed` event (the error, the step), and the run goes on without it."""
 
     def __init__(
         self, run_dir: Path, enabled: bool, wandb_args: dict | None = None, stream=sys.stdout
@@ -286,18 +305,40 @@ class MetricsLogger:
         if wandb_args and wandb_args["mode"] != "disabled":
             try:
                 self.wandb = WandbSink(run_dir, **wandb_args)
-                self.sinks.append(self.wandb)
-                if self.wandb.fallback:
-                    self.event(
-                        {
-                            "event": "wandb_offline",
-                            "reason": self.wandb.fallback,
-                            "sync_later": f"wandb sync {run_dir / 'wandb'}/offline-run-*",
-                        }
-                    )
             except Exception as e:  # noqa: BLE001 -- W&B must never take a run down
-                self.event({"event": "wandb_failed", "error": repr(e)})
+                self._wandb_failed("init", e, step=None)
+            if self.wandb and self.wandb.fallback:
+                self.event(
+                    {
+                        "event": "wandb_offline",
+                        "reason": self.wandb.fallback,
+                        "sync_later": f"wandb sync {run_dir / 'wandb'}/offline-run-*",
+                    }
+                )
         self.sinks.append(self.console)
+
+    def _wandb_failed(self, call: str, error: BaseException, step: int | None) -> None:
+        """Drop the W&B sink after an error: one event, then the run goes on without W&B (its
+        helper may be dead: nothing more is asked of it, not even finish)."""
+        self.wandb = None
+        detail = " ".join(str(error).split())[:300]
+        self.event(
+            {
+                "event": "wandb_failed",
+                "call": call,
+                "error": f"{type(error).__name__}: {detail}",
+                "step": step,
+                "note": "training goes on without W&B; metrics.jsonl has every record",
+            }
+        )
+
+    def _to_wandb(self, call: str, step: int | None, fn, *args) -> None:
+        if self.wandb is None:
+            return
+        try:
+            fn(*args)
+        except Exception as e:  # noqa: BLE001 -- W&B must never take a run down
+            self._wandb_failed(call, e, step)
 
     def run_start(self, info: dict) -> None:
         """Record what this job runs with (config, cluster, versions, git commit, energy method):
@@ -307,17 +348,17 @@ class MetricsLogger:
         self.console.max_steps = int(info.get("max_steps") or 0)
         self.console.total_tokens = self.console.max_steps * int(info.get("tokens_per_step") or 0)
         self.events.write({"event": "run_start", **info}, echo=False)
+        step = info.get("start_step")
         if self.wandb:
-            try:
-                self.wandb.update_config(info)
-            except Exception as e:  # noqa: BLE001
-                self.event({"event": "wandb_failed", "error": repr(e)})
+            self._to_wandb("config.update", step, self.wandb.update_config, info)
 
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
         for sink in self.sinks:
             sink.write(record)
+        if self.wandb:
+            self._to_wandb("log", record.get("step"), self.wandb.write, record)
 
     def event(self, record: dict) -> None:
         if not self.enabled:
@@ -327,4 +368,6 @@ class MetricsLogger:
     def close(self) -> None:
         for sink in self.sinks:
             sink.close()
+        if self.wandb:
+            self._to_wandb("finish", None, self.wandb.close, WANDB_FINISH_TIMEOUT_S)
         self.sinks, self.wandb = [], None

@@ -95,10 +95,13 @@ def open_sources(cfg: Config, rank: int, world: int) -> list[PackedSamples]:
             "the datasets in 'data.sources' were tokenized with different tokenizers: "
             + ", ".join(f"{d.directory} ({d.manifest.tokenizer_sha256[:12]})" for d in datasets)
         )
-    return [
-        PackedSamples(d, cfg.data.seq_len, cfg.data.val_fraction, cfg.run.seed + 1000 * i)
-        for i, d in enumerate(datasets)
-    ]
+    # every rank finds the same too-short dataset: one error, printed once (collective)
+    return dist.agree(
+        lambda: [
+            PackedSamples(d, cfg.data.seq_len, cfg.data.val_fraction, cfg.run.seed + 1000 * i)
+            for i, d in enumerate(datasets)
+        ]
+    )
 
 
 class Trainer:
@@ -386,9 +389,11 @@ class Trainer:
             kind = "skipped_step" if verdict == "nonfinite" else "loss_spike"
             info = {"step": self.step, "loss": step.loss, "bad_streak": self.guard.bad_streak}
             self.logger.event({"event": kind, **info})
-        if self.guard.should_roll_back and self.roll_back():
-            self.guard.rolled_back()
-            return True
+        if self.guard.should_roll_back:
+            if self.roll_back():
+                self.guard.rolled_back()
+                return True
+            self.guard.cannot_roll_back(self.step)  # a non-finite streak stops the run here
         return False
 
     def _log_and_evaluate(self, last: bool) -> dict | None:

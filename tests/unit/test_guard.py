@@ -6,7 +6,7 @@ import math
 import pytest
 
 from megatrain.config import GuardConfig
-from megatrain.guard import StabilityGuard, TooManyRollbacks
+from megatrain.guard import StabilityGuard, TooManyRollbacks, TrainingDiverged
 
 
 def warmed_up(steps: int = 30) -> StabilityGuard:
@@ -58,3 +58,16 @@ def test_fp16_overflow_skips_are_counted_but_not_instability():
     assert list(guard.history) == history
     # at the minimum scale (the trainer then says overflow=False), it is a non-finite step
     assert guard.check(4.9, update_skipped=True) == "nonfinite" and guard.bad_streak == 1
+
+
+def test_without_a_checkpoint_a_non_finite_streak_stops_and_spikes_do_not():
+    """A spike then a non-finite step is a bad streak of 2 but only 1 non-finite step: the run
+    goes on; 2 non-finite steps in a row (max_bad_steps) with nothing to roll back to stop it."""
+    guard = warmed_up()
+    guard.check(50.0, update_skipped=False)
+    guard.check(math.nan, update_skipped=True)
+    assert guard.should_roll_back
+    guard.cannot_roll_back(step=32)
+    guard.check(6.0, update_skipped=True)  # gradients non-finite, loss finite
+    with pytest.raises(TrainingDiverged, match="non-finite for 2 steps from step 32 and no"):
+        guard.cannot_roll_back(step=33)
