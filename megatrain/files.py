@@ -80,17 +80,13 @@ def append_line(path: str | os.PathLike, line: str) -> None:
     where it was. A torn last line left by a process killed mid-write is cut off first, so that
     the new line never glues onto it."""
     data = (line + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         size = os.fstat(fd).st_size
-        if size:
-            with open(path, "rb") as f:
-                f.seek(max(size - 65536, 0))
-                tail = f.read()
-            if not tail.endswith(b"\n"):
-                cut = tail.rfind(b"\n")
-                size = size - len(tail) + cut + 1 if cut >= 0 else max(size - len(tail), 0)
-                os.ftruncate(fd, size)
+        if size and os.pread(fd, 1, size - 1) != b"\n":  # a torn tail: back to its line start
+            tail = os.pread(fd, min(size, 1 << 20), max(size - (1 << 20), 0))
+            size -= len(tail) - (tail.rfind(b"\n") + 1)
+            os.ftruncate(fd, size)
         try:
             if os.write(fd, data) != len(data):
                 raise OSError(f"short write to {path}")
