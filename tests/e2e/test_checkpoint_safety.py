@@ -121,8 +121,12 @@ def test_a_fresh_start_over_old_checkpoints_keeps_its_own_and_a_crash_resumes_th
     metrics = run_dir / "metrics.jsonl"
     deadline = time.time() + 400
     while time.time() < deadline and job.poll() is None:
-        saved = [e["step"] for e in events(run_dir, "checkpoint") if e["time"] > job_start(run_dir)]
-        done = [r["step"] for r in read_jsonl(metrics)] if metrics.exists() else []
+        try:  # files being written: read again on a partial line
+            start = job_start(run_dir)
+            saved = [e["step"] for e in events(run_dir, "checkpoint") if e["time"] > start]
+            done = [r["step"] for r in read_jsonl(metrics)] if metrics.exists() else []
+        except (ValueError, OSError):
+            continue
         if saved and done and max(done) >= saved[-1] + 3:
             break
         time.sleep(0.05)
