@@ -194,6 +194,12 @@ def test_a_run_dir_whose_checkpoints_all_fail_stops_by_name(trained, tiny_datase
     assert set(rejected) == {"step00000005", "step00000010", "step00000015"}
     assert "interrupted save" in rejected["step00000015"]
     assert read_jsonl(run_dir / "metrics.jsonl") == before, "the run started again from step 0"
+    # one process, no launcher in between: one line and exit code 2
+    single = [sys.executable, "-m", "megatrain.cli", "train", str(TINY)]
+    args = common(tiny_dataset, run_dir) + ["run.max_steps=20"]
+    out = subprocess.run(single + args, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert "megatrain train: error: every checkpoint in" in out.stderr
 
 
 def mount_tmpfs(path: Path, size_bytes: int) -> None:
