@@ -198,7 +198,9 @@ class RunConfig:
     keep_every: int = 0
     """Also keep, forever, the checkpoints of steps that are multiples of this (0: none)."""
     resume: Literal["auto", "never"] = "auto"
-    """`auto` continues from the run directory's latest valid checkpoint, if any."""
+    """`auto` continues from the run directory's latest valid checkpoint, if any (and stops by
+    name if it has checkpoints and none verifies); `never` starts afresh, moving any earlier
+    checkpoints and metrics.jsonl into checkpoints/superseded-<time>/."""
     deterministic: bool = False
     """Only deterministic kernels on GPU (slower: the math attention kernel, a fixed cuBLAS
     workspace), so that two runs, or a run and its resumed copy, give the same losses bit for

@@ -72,3 +72,34 @@ def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
         while chunk := f.read(chunk_bytes):
             h.update(chunk)
     return h.hexdigest()
+
+
+def append_line(path: str | os.PathLike, line: str) -> None:
+    """Append one line (a newline is added) so that it is either whole or absent: one write on an
+    O_APPEND descriptor, and on a short or failed write (a full disk) the file is cut back to
+    where it was. A torn last line left by a process killed mid-write is cut off first, so that
+    the new line never glues onto it."""
+    data = (line + "\n").encode()
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":  # a torn tail: back to its line start
+            tail = os.pread(fd, min(size, 1 << 20), max(size - (1 << 20), 0))
+            size -= len(tail) - (tail.rfind(b"\n") + 1)
+            os.ftruncate(fd, size)
+        try:
+            if os.write(fd, data) != len(data):
+                raise OSError(f"short write to {path}")
+        except BaseException:
+            os.ftruncate(fd, size)
+            raise
+    finally:
+        os.close(fd)
+
+
+def human_bytes(n: float) -> str:
+    """1.5 MB, 320 kB, 12 B: sizes in messages."""
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n:.0f} B"

@@ -250,3 +250,9 @@ class StepMetrics:
     def load_state_dict(self, state: dict) -> None:
         self.energy_before_j = float(state.get("energy_j", 0.0))
         self.device_s_before = float(state.get("device_s", 0.0))
+
+    def add_unsaved_work(self, energy_j: float, device_s: float) -> None:
+        """Count work that no checkpoint holds (a crashed job's steps after its last checkpoint,
+        as its last metrics record measured them): the run's totals include all work done."""
+        self.energy_before_j += max(energy_j, 0.0)
+        self.device_s_before += max(device_s, 0.0)

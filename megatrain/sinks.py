@@ -22,6 +22,8 @@ import threading
 import time
 from pathlib import Path
 
+from megatrain.files import append_line, atomic_write_text
+
 WANDB_PROBE_TIMEOUT_S = 3.0
 WANDB_INIT_TIMEOUT_S = 15.0  # wandb.init waiting for its helper process and, online, the server
 WANDB_FINISH_TIMEOUT_S = 60.0  # run.finish flushing (online: uploading) at the end of a job
@@ -33,14 +35,38 @@ def event_line(record: dict) -> str:
 
 
 class JsonlSink:
+    """A JSON-lines file whose every line is whole or absent (`files.append_line`), even after
+    kill -9 or a full disk."""
+
     def __init__(self, path: Path):
-        self.file = open(path, "a", buffering=1)  # line-buffered: a crash loses at most one line
+        self.path = Path(path)
 
     def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record, default=float) + "\n")
+        append_line(self.path, json.dumps(record, default=float))
+
+    def rewind(self, step: int, set_aside: Path | None = None) -> dict | None:
+        """Drop the records after `step` (the steps a resumed run does again), rewriting the file
+        atomically, so that readers see each step once; returns the last record dropped (its
+        cumulative energy counts work the checkpoint does not hold), and writes the dropped
+        records to `set_aside` when given."""
+        if not self.path.exists():
+            return None
+        kept, dropped = [], []
+        for line in self.path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a torn line
+            (kept if record.get("step", 0) <= step else dropped).append(line)
+        if not dropped:
+            return None
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+        if set_aside is not None:
+            atomic_write_text(set_aside, "".join(line + "\n" for line in dropped))
+        return json.loads(dropped[-1])
 
     def close(self) -> None:
-        self.file.close()
+        pass
 
 
 class EventLog:
@@ -54,8 +80,10 @@ class EventLog:
 
     def write(self, record: dict, echo: bool = True) -> dict:
         record = {"time": time.time(), **record}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record, default=float) + "\n")
+        try:
+            append_line(self.path, json.dumps(record, default=float))
+        except OSError as e:  # a full disk: the event is said on the console, never half-written
+            self.echo(f"[events.jsonl not written: {e}]")
         if echo:
             self.echo(event_line(record))
         return record
@@ -295,12 +323,13 @@ class MetricsLogger:
     ):
         self.enabled = enabled
         self.sinks: list = []
-        self.events = self.wandb = None
+        self.events = self.wandb = self.metrics = None
         self.console = ConsoleSink(stream)
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.sinks.append(JsonlSink(run_dir / "metrics.jsonl"))
+        self.metrics = JsonlSink(run_dir / "metrics.jsonl")
+        self.sinks.append(self.metrics)
         self.events = EventLog(run_dir, echo=self.console.print)
         if wandb_args and wandb_args["mode"] != "disabled":
             try:
@@ -339,6 +368,10 @@ class MetricsLogger:
             fn(*args)
         except Exception as e:  # noqa: BLE001 -- W&B must never take a run down
             self._wandb_failed(call, e, step)
+
+    def rewind(self, step: int, set_aside: Path | None = None) -> dict | None:
+        """metrics.jsonl without the records after `step` (see `JsonlSink.rewind`); rank 0."""
+        return self.metrics.rewind(step, set_aside) if self.enabled else None
 
     def run_start(self, info: dict) -> None:
         """Record what this job runs with (config, cluster, versions, git commit, energy method):

@@ -23,7 +23,15 @@ import yaml
 
 from megatrain import dist, energy, faults, hardware, probes
 from megatrain.callbacks import Callback
-from megatrain.checkpoint import Checkpointer, ResumePoint, find_resumable, find_resume_point
+from megatrain.checkpoint import (
+    Checkpointer,
+    ResumePoint,
+    checkpoint_bytes,
+    find_resumable,
+    find_resume_point,
+    new_lineage,
+    supersede,
+)
 from megatrain.config import Config, ConfigError, load_cluster
 from megatrain.data import DataLoader, PackedSamples, validation_batches
 from megatrain.evaluator import Evaluator
@@ -134,6 +142,10 @@ class Trainer:
         self.memory_plan: dict | None = None  # rank 0's, until compared with the first record
 
         resume = self._resume_point()
+        # a fresh start draws a lineage; a resumed run continues its checkpoint's
+        fresh = dist.all_gather(new_lineage() if self.rank == 0 else None)[0]
+        self.lineage = resume.manifest.get("lineage") if resume else fresh
+        unsaved = self._rewind_metrics(resume)
         if cfg.run.deterministic:
             use_deterministic_kernels()
         torch.manual_seed(cfg.run.seed)
@@ -149,9 +161,13 @@ class Trainer:
             load_universal=bool(resume and resume.universal),
         )
         self.step = resume.manifest["step"] if resume else 0
-        self._build_parts(env.local_rank)
+        self._build_parts(env.local_rank, resume)
         if resume:
             self.checkpointer.restore(resume.tag, resume.manifest)
+        if unsaved:
+            self.metrics.add_unsaved_work(unsaved["energy_j"], unsaved["device_s"])
+            self.logger.event({"event": "unsaved_work_counted", "step": self.step, **unsaved})
+        if resume:
             self.logger.event(
                 {
                     "event": "resumed",
@@ -211,18 +227,43 @@ class Trainer:
     def _resume_point(self) -> ResumePoint | None:
         """Where this job continues the run; it decides how the engine is built (a checkpoint of
         another (dp, tp, ZeRO) layout loads through DeepSpeed's universal format)."""
+        ckpt_dir = self.cfg.run_dir / "checkpoints"
         if self.cfg.run.resume != "auto":
+            # an earlier run's checkpoints go aside: never resumed, pruned or rolled back to
+            old_metrics = (self.cfg.run_dir / "metrics.jsonl",)
+            dist.agree(lambda: supersede(ckpt_dir, self.logger.event, old_metrics), root=0)
             return None
         p = self.cfg.parallel
         return find_resume_point(
-            self.cfg.run_dir / "checkpoints",
+            ckpt_dir,
             self.plan.dp_size,
             p.tensor,
             p.zero_stage,
             log=self.logger.event,
+            global_batch=self.plan.layout.global_batch,
         )
 
-    def _build_parts(self, local_rank: int) -> None:
+    def _rewind_metrics(self, resume: ResumePoint | None) -> dict | None:
+        """metrics.jsonl keeps each step once: the records after the checkpoint's step go (with
+        `run.resume=never` the earlier run's file went to its superseded folder). The work they
+        measured and no checkpoint holds (a crashed job's last steps) is returned, to be counted
+        in the run's totals."""
+        step = resume.manifest["step"] if resume else 0
+        saved = resume.manifest if resume else {}
+
+        def rewind() -> dict | None:  # rank 0
+            last = self.logger.rewind(step)
+            if not last:
+                return None
+            return {
+                "redone_steps": last["step"] - step,
+                "energy_j": last.get("energy_kwh_it", 0.0) * 3.6e6 - saved.get("energy_j", 0.0),
+                "device_s": last.get("gpu_hours", 0.0) * 3600 - saved.get("device_s", 0.0),
+            }
+
+        return dist.agree(rewind, root=0)
+
+    def _build_parts(self, local_rank: int, resume: ResumePoint | None) -> None:
         cfg, plan, layout = self.cfg, self.plan, self.plan.layout
         weights = [s.weight for s in cfg.data.sources]
         self.loader = DataLoader(
@@ -258,6 +299,7 @@ class Trainer:
         )
         self.evaluator = Evaluator(self.engine, val, cfg.run.eval_every, self.device)
         layout_info = {"dp_size": plan.dp_size, "tp_size": plan.tp_size}
+        layout_info["global_batch"] = layout.global_batch
         self.checkpointer = Checkpointer(
             self.engine,
             cfg.run_dir / "checkpoints",
@@ -266,7 +308,10 @@ class Trainer:
             info={
                 "config": asdict(cfg),
                 "layout": {**layout_info, "zero_stage": cfg.parallel.zero_stage},
+                "lineage": self.lineage,
             },
+            log=self.logger.event,
+            last_bytes=checkpoint_bytes(resume.manifest) if resume else 0,
         )
 
     # ------------------------------------------------------------------------- one step
@@ -316,7 +361,8 @@ class Trainer:
     def roll_back(self) -> bool:
         """Reload the last checkpoint's weights and optimizer, but keep reading from the current
         data position (the data since the checkpoint is the usual culprit)."""
-        found = find_resumable(self.cfg.run_dir / "checkpoints", log=self.logger.event)
+        ckpt_dir = self.cfg.run_dir / "checkpoints"
+        found = find_resumable(ckpt_dir, log=self.logger.event, lineage=self.lineage)
         if not found:
             reason = "no checkpoint yet"
             self.logger.event({"event": "rollback_impossible", "step": self.step, "reason": reason})

@@ -5,8 +5,11 @@ import http.server
 import io
 import json
 import socket
+import subprocess
 import threading
 import time
+
+import pytest
 
 from megatrain.sinks import ConsoleSink, MetricsLogger, format_line, reachable
 from tests.helpers import read_jsonl
@@ -129,3 +132,49 @@ def test_wandb_online_without_network_goes_offline_fast_and_says_so(tmp_path, mo
     assert "[event] event=wandb_offline" in out.getvalue()
     assert len(list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))) == 1
     assert json.loads((tmp_path / "metrics.jsonl").read_text())["step"] == 40
+
+
+def test_jsonl_lines_are_whole_or_absent_after_a_torn_write_and_on_a_full_disk(tmp_path):
+    from megatrain.sinks import EventLog, JsonlSink
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2, "lo')  # a writer killed mid-line
+    sink = JsonlSink(path)
+    sink.write({"step": 2})
+    assert read_jsonl(path) == [{"step": 1}, {"step": 2}]
+
+    full = tmp_path / "full"
+    full.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=8k", "tmpfs", str(full)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        sink, said = JsonlSink(full / "metrics.jsonl"), []
+        with pytest.raises(OSError):
+            for step in range(10_000):
+                sink.write({"step": step, "pad": "x" * 300})
+        log = EventLog(full, echo=said.append)
+        log.write({"event": "checkpoint_failed", "pad": "y" * 20_000})  # does not fit
+        assert any("events.jsonl not written" in s for s in said)
+        for name in ("metrics.jsonl", "events.jsonl"):
+            text = (full / name).read_text() if (full / name).exists() else ""
+            assert not text or text.endswith("\n"), f"{name} ends in a torn line"
+            [json.loads(line) for line in text.splitlines()]
+    finally:
+        subprocess.run(["umount", "-l", str(full)], check=False)
+
+
+def test_rewind_drops_the_records_a_resumed_run_writes_again(tmp_path):
+    from megatrain.sinks import JsonlSink
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(
+        "".join(json.dumps({"step": s, "energy_kwh_it": s / 10}) + "\n" for s in (1, 2, 3))
+    )
+    sink = JsonlSink(path)
+    assert sink.rewind(3) is None
+    assert sink.rewind(1) == {"step": 3, "energy_kwh_it": 0.3}
+    sink.write({"step": 2})
+    assert [r["step"] for r in read_jsonl(path)] == [1, 2]
