@@ -105,15 +105,30 @@ def test_kill_9_of_the_launcher_leaves_no_rank_running(tiny_dataset, tmp_path, t
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_stop_signal_to_the_launcher_alone_saves_and_stops(tiny_dataset, tmp_path, signum):
+@pytest.mark.parametrize(
+    "target, signum",
+    [
+        ("launcher", "SIGTERM"),  # `kill PID`
+        ("launcher", "SIGINT"),
+        ("group", "SIGTERM"),  # Slurm, a process manager
+        ("group", "SIGINT"),  # Ctrl-C in a terminal: the ranks get it twice
+    ],
+)
+def test_a_stop_signal_saves_and_stops(tiny_dataset, tmp_path, target, signum):
+    signum = getattr(signal, signum)
     run_dir = tmp_path / "run"
     proc, out, err = start(common(tiny_dataset, run_dir), tmp_path)
     try:
         pids = rank_pids(out, proc)
         wait_for_step(run_dir, 2, proc)
-        os.kill(proc.pid, signum)  # the launcher only, as `kill PID` does
+        t0 = time.monotonic()
+        if target == "group":
+            os.killpg(proc.pid, signum)
+        else:
+            os.kill(proc.pid, signum)
         rc = proc.wait(timeout=120)
+        took = time.monotonic() - t0
+        print(f"{signum.name} to the {target} -> saved and exited {rc} in {took:.2f} s")
     finally:
         os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
     assert rc == 0, err.read_text()[-3000:]
@@ -202,3 +217,22 @@ def test_an_error_only_a_rank_sees_is_one_line_exit_2_without_waiting(tiny_datas
     assert "Traceback" not in text, text[-3000:]
     assert len(errors) == 1 and shard.name in errors[0], errors
     assert exited - seen < 10
+
+
+@pytest.mark.slow
+def test_a_rank_that_dies_stops_the_others_without_their_tracebacks(tiny_dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    proc, out, err = start(common(tiny_dataset, run_dir), tmp_path)
+    try:
+        pids = rank_pids(out, proc)
+        wait_for_step(run_dir, 2, proc)
+        t0 = time.monotonic()
+        os.kill(pids[1], signal.SIGKILL)  # rank 0 is left in a collective with a dead peer
+        rc = proc.wait(timeout=30)
+        gone = seconds_until_gone(pids, timeout=5) + time.monotonic() - t0
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+    print(f"kill -9 of rank 1 -> launcher and ranks gone in {gone:.2f} s")
+    assert rc == 1
+    assert "Traceback" not in err.read_text(), err.read_text()[-3000:]
+    assert gone < 10
