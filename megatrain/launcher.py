@@ -138,8 +138,10 @@ class Launch:
                 sys.stderr.buffer.flush()
 
     def signal_ranks(self, signum: int) -> None:
+        # returncode, not poll(): a signal handler must not take Popen's lock, which the main
+        # loop's poll() may hold; a rank not yet reaped keeps its pid
         for p in self.procs:
-            if p.poll() is None:
+            if p.returncode is None:
                 try:
                     os.kill(p.pid, signum)
                 except ProcessLookupError:
@@ -150,9 +152,7 @@ class Launch:
         if signum == signal.SIGINT:
             self.interrupts += 1
             if self.interrupts > 1:
-                self.signal_ranks(signal.SIGKILL)
-                for p in self.procs:
-                    p.wait()
+                self.signal_ranks(signal.SIGKILL)  # dead within milliseconds, unsaved
                 print("megatrain train: interrupted twice; ranks killed", file=sys.stderr)
                 sys.stderr.flush()
                 os._exit(130)
