@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -58,13 +57,14 @@ def cmd_prep(args) -> int:
 # ----------------------------------------------------------------------------- train
 
 
-def _launch_local(args) -> int:
-    """Start `nproc` local processes through torchrun, each running this same command."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    cmd += [f"--nproc_per_node={args.nproc}", "-m", "megatrain.cli", "train", args.config]
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
-    return subprocess.call([*cmd, *args.overrides], env=env)
+def _launch_local(args, cfg) -> int:
+    """Start `nproc` local ranks, each running this same command (megatrain/launcher.py)."""
+    from megatrain.hf import resolve_init_from
+    from megatrain.launcher import launch_local
+
+    resolve_init_from(cfg)  # the model's shape, for the preflight's run plan
+    cmd = [sys.executable, "-m", "megatrain.cli", "train", args.config, *args.overrides]
+    return launch_local(cfg, cmd, args.nproc)
 
 
 def cmd_train(args) -> int:
@@ -79,7 +79,7 @@ def cmd_train(args) -> int:
         print(json.dumps(info))
         return 0
     if args.nproc > 1 and DistEnv.from_environ().world_size == 1:
-        return _launch_local(args)
+        return _launch_local(args, cfg)
 
     from megatrain.requeue import train_job
 

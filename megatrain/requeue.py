@@ -50,6 +50,8 @@ def requeue_decision(
     signal_name: str, restarts: int, max_restarts: int, job_state: str
 ) -> tuple[bool, str]:
     """Whether to requeue a job that a signal stopped, and why (pure: unit-tested)."""
+    if signal_name == "SIGINT":
+        return False, "Ctrl-C is the user's stop, not the time limit's; rerun to resume"
     if job_state and job_state != "RUNNING":
         # `scancel`, the time limit itself or a preemption: Slurm is already ending the job (and
         # requeues it itself if preemption says so). A user's scancel must stay a cancel.

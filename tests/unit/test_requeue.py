@@ -23,6 +23,7 @@ from megatrain import requeue, stop
         ),  # a user's scancel stays a cancel
         ("SIGTERM", 0, 100, "COMPLETING", False, "state COMPLETING"),
         ("SIGTERM", 0, 100, "RUNNING", True, "SIGTERM"),  # clusters that warn with SIGTERM alone
+        ("SIGINT", 0, 100, "RUNNING", False, "Ctrl-C"),  # the user's stop
     ],
 )
 def test_requeue_decision(sig, restarts, cap, state, ok, why):
@@ -54,3 +55,22 @@ def test_stop_signal_is_recorded_not_fatal(stop_state):
         and request.agree(request.votes())
         and stop.stop_signal() == "SIGUSR1"
     )
+
+
+def test_ctrl_c_is_a_stop_request_and_a_second_one_exits(stop_state, monkeypatch):
+    monkeypatch.delenv(stop.LAUNCHER_ENV, raising=False)
+    request = stop.StopRequest()
+    os.kill(os.getpid(), signal.SIGINT)  # a KeyboardInterrupt without the handler
+    assert request.signal == "SIGINT" and request.agree(request.votes())
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_rank_of_the_launcher_leaves_the_second_ctrl_c_to_it(stop_state, monkeypatch):
+    # the terminal's SIGINT and the launcher's forwarded one: both reach the rank
+    monkeypatch.setenv(stop.LAUNCHER_ENV, "1")
+    request = stop.StopRequest()
+    os.kill(os.getpid(), signal.SIGINT)
+    os.kill(os.getpid(), signal.SIGINT)
+    assert request.signal == "SIGINT"
