@@ -249,14 +249,17 @@ class ResumePoint:
 
 
 def find_resume_point(
-    ckpt_dir: Path, dp_size: int, tp_size: int, zero_stage: int, log=print
+    ckpt_dir: Path, dp_size: int, tp_size: int, zero_stage: int, log=print, check=None
 ) -> ResumePoint | None:
     """Where a run continues from (collective): the newest checkpoint that verifies, converted
-    once to the universal format if it was saved with another (dp, tp, ZeRO) layout."""
+    once to the universal format if it was saved with another (dp, tp, ZeRO) layout.
+    `check(tag, manifest)` may refuse it (raise) before anything is converted or loaded."""
     found = find_resumable(ckpt_dir, log)
     if not found:
         return None
     tag, manifest = found
+    if check is not None:
+        check(tag, manifest)
     universal = needs_universal(manifest, dp_size, tp_size, zero_stage)
     if universal:
         tag = to_universal(ckpt_dir, tag, log)

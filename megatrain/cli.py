@@ -79,6 +79,9 @@ def cmd_train(args) -> int:
         print(json.dumps(info))
         return 0
     if args.nproc > 1 and DistEnv.from_environ().world_size == 1:
+        from megatrain.locks import check_run_dir_free
+
+        check_run_dir_free(cfg.run_dir)  # refused here, in one line, before any rank starts
         return _launch_local(args)
 
     from megatrain.requeue import train_job

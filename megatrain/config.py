@@ -191,6 +191,12 @@ class RunConfig:
     """Also keep, forever, the checkpoints of steps that are multiples of this (0: none)."""
     resume: Literal["auto", "never"] = "auto"
     """`auto` continues from the run directory's latest valid checkpoint, if any."""
+    allow_changes: list[str] = field(default_factory=list)
+    """What a resume may find changed since the checkpoint, e.g. `[optim.lr, data]`; any other
+    change is refused by name. Names: `data` (the datasets or their weights), `tokenizer`, `optim`
+    or one `optim.*` key, `batch` or one `batch.*` key, `run.seed`, `data.seq_len`,
+    `data.val_fraction`, `model.dropout`. The model's shape and `precision` never change within
+    a run."""
     deterministic: bool = False
     """Only deterministic kernels on GPU (slower: the math attention kernel, a fixed cuBLAS
     workspace), so that two runs, or a run and its resumed copy, give the same losses bit for
@@ -353,6 +359,22 @@ class Config:
         return Path(self.run.dir or os.path.join("runs", self.run.name))
 
 
+# What `run.allow_changes` may name: the rest of the checked keys (the model's shape,
+# `precision`) cannot change within a run (megatrain/resume.py compares).
+RESUMABLE_CHANGES = (
+    "data",
+    "tokenizer",
+    "optim",
+    *(f"optim.{f.name}" for f in dataclasses.fields(OptimConfig)),
+    "batch",
+    *(f"batch.{f.name}" for f in dataclasses.fields(BatchConfig)),
+    "run.seed",
+    "data.seq_len",
+    "data.val_fraction",
+    "model.dropout",
+)
+
+
 # ----------------------------------------------------------------------------- finding files
 
 
@@ -461,6 +483,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"'batch.micro_batch' must be at least 1, got {cfg.batch.micro_batch}")
     if cfg.run.max_steps <= 0 and cfg.run.max_tokens <= 0:
         raise ConfigError("set 'run.max_steps' or 'run.max_tokens' to say how long to train")
+    for name in cfg.run.allow_changes:
+        if name not in RESUMABLE_CHANGES:
+            hint = difflib.get_close_matches(str(name), RESUMABLE_CHANGES, n=1)
+            raise ConfigError(
+                f"'run.allow_changes' names '{name}', which a resume cannot allow"
+                + (f"; did you mean '{hint[0]}'?" if hint else "")
+                + f" (allowed: {', '.join(RESUMABLE_CHANGES)})"
+            )
     if cfg.run.max_restarts < 0:
         raise ConfigError(f"'run.max_restarts' must be 0 or more, got {cfg.run.max_restarts}")
     if cfg.optim.min_lr > cfg.optim.lr:
