@@ -29,8 +29,8 @@ from megatrain.data import DataLoader, PackedSamples, validation_batches
 from megatrain.evaluator import Evaluator
 from megatrain.files import atomic_write_bytes, atomic_write_text
 from megatrain.guard import StabilityGuard
-from megatrain.hf import check_tokenizer
-from megatrain.locks import ReadersLock, RunLock, load_hf_weights, resolve_init_from
+from megatrain.hf import check_tokenizer, load_hf_weights, resolve_init_from
+from megatrain.locks import ReadersLock, RunLock
 from megatrain.memory import memory_per_gpu
 from megatrain.metrics import StepMetrics, resolve_peak
 from megatrain.model import Transformer
