@@ -84,6 +84,14 @@ def holders(path: Path) -> list[int]:
     return sorted(set(pids))
 
 
+def _in_use(path: Path, fd: int) -> RunLockError:
+    owner = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+    return RunLockError(
+        f"{path.parent} is in use by another training ({owner}); wait for it to end or stop it, "
+        "or give this run another run.dir"
+    )
+
+
 class RunLock:
     """RUN_DIR/.lock held exclusively by this process until `release()` (or its death)."""
 
@@ -96,12 +104,9 @@ class RunLock:
         if fd is None:
             raise RunLockError(f"cannot create {self.path}: is the run directory writable?")
         if not _flock(fd, self.path, shared=False):
-            owner = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            error = _in_use(self.path, fd)
             os.close(fd)
-            raise RunLockError(
-                f"{self.path.parent} is in use by another training ({owner}); wait for it to "
-                "end or stop it, or give this run another run.dir"
-            )
+            raise error
         # a description of the holder, written in place: only ever read for the message above
         started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         os.ftruncate(fd, 0)
@@ -121,8 +126,15 @@ class RunLock:
 def check_run_dir_free(run_dir: str | os.PathLike) -> None:
     """Raise `RunLockError` now if a training holds RUN_DIR (for a launcher, before it starts
     ranks; the ranks then take the lock for real)."""
-    if (Path(run_dir) / RUN_LOCK).exists():
-        RunLock(run_dir).release()
+    path = Path(run_dir) / RUN_LOCK
+    fd = _open(path, create=False) if path.exists() else None
+    if fd is None:
+        return
+    free = _flock(fd, path, shared=False)  # a probe: nothing is written
+    error = None if free else _in_use(path, fd)
+    os.close(fd)
+    if error:
+        raise error
 
 
 class ReadersLock:
