@@ -6,6 +6,7 @@ re-prepared with another tokenizer, a changed model, learning rate or seed), and
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -150,7 +151,7 @@ def test_a_second_training_on_a_run_dir_is_refused_at_once_and_the_first_is_unto
         second = train(args, nproc=2, timeout=120)
         took = time.monotonic() - began
         line = error_line(second)
-        holder = int(line.split(" pid ")[1].split()[0])
+        holder = int(re.search(r"\(pid (\d+) on ", line).group(1))
         assert holder in descendants(first.pid), f"{holder} is not one of the first run's ranks"
         assert f"on {socket.gethostname()}" in line and str(run_dir) in line
         assert took < 30, f"the refusal took {took:.1f} s"
