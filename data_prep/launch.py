@@ -34,6 +34,7 @@ from data_prep.pipeline import prepare_rank
 from data_prep.state import PrepError, PrepOptions, quiet
 from data_prep.workdir import WorkDir
 from megatrain.dist import DistEnv, agree
+from megatrain.locks import exclude_readers
 from megatrain.shards import MANIFEST_FILE
 
 LOCK_FILE = ".prep.lock"
@@ -67,11 +68,20 @@ def run_prep(opts: PrepOptions, log=print) -> dict:
         )
         comm = FileComm(WorkDir(out).sync(session), env.rank, env.world_size, log=log, kind=kind)
         lock = agree(lambda: acquire_lock(out, shared=True), comm)
+    trainings = agree(lambda: _keep_trainings_out(out, opts.force and comm.rank == 0), comm)
     try:
         return _run_ranks(opts, comm, log)
     finally:
-        if lock is not None:
-            os.close(lock)
+        for fd in (lock, trainings):
+            if fd is not None:
+                os.close(fd)
+
+
+def _keep_trainings_out(out: Path, force: bool) -> int | None:
+    """`--force` replaces a finished dataset: not while a training reads it (their shared lock
+    on OUT/.readers.lock), and no training may open it until this prep ends (the descriptor
+    returned, to keep open)."""
+    return exclude_readers(out) if force else None
 
 
 def _run_ranks(opts: PrepOptions, comm: Comm, log) -> dict:
@@ -130,7 +140,9 @@ def _die_with_parent() -> None:
 def _run_local(opts: PrepOptions, log) -> dict:
     lock = acquire_lock(Path(opts.out))
     children: list[subprocess.Popen] = []
+    trainings = None
     try:
+        trainings = _keep_trainings_out(Path(opts.out), opts.force)
         if opts.workers <= 1:
             return _run_ranks(opts, SingleComm(), log)
         session = f"local-{uuid.uuid4().hex[:12]}"
@@ -164,7 +176,9 @@ def _run_local(opts: PrepOptions, log) -> dict:
             if child.poll() is None:
                 child.kill()
                 child.wait()
-        os.close(lock)
+        for fd in (lock, trainings):
+            if fd is not None:
+                os.close(fd)
 
 
 def worker_main(argv: list[str]) -> int:

@@ -470,10 +470,12 @@ def find_resume_point(
     zero_stage: int,
     log=print,
     global_batch: int | None = None,
+    check=None,
 ) -> ResumePoint | None:
     """Where a run continues from (collective): the newest checkpoint that verifies, converted
     once to the universal format if it was saved with another (dp, tp, ZeRO) layout; with
-    `global_batch`, one trained with another global batch is refused by name."""
+    `global_batch`, one trained with another global batch is refused by name.
+    `check(tag, manifest)` may refuse it (raise) before anything is converted or loaded."""
     found = find_resumable(ckpt_dir, log)
     if not found:
         return None
@@ -484,6 +486,8 @@ def find_resume_point(
         except CheckpointError as e:
             e.shared = True  # every rank read the same manifest
             raise
+    if check is not None:
+        check(tag, manifest)
     universal = needs_universal(manifest, dp_size, tp_size, zero_stage)
     if universal:
         tag = to_universal(ckpt_dir, tag, log)

@@ -201,6 +201,12 @@ class RunConfig:
     """`auto` continues from the run directory's latest valid checkpoint, if any (and stops by
     name if it has checkpoints and none verifies); `never` starts afresh, moving any earlier
     checkpoints and metrics.jsonl into checkpoints/superseded-<time>/."""
+    allow_changes: list[str] = field(default_factory=list)
+    """What a resume may find changed since the checkpoint, e.g. `[optim.lr, data]`; any other
+    change is refused by name. Names: `data` (the datasets or their weights), `tokenizer`, `optim`
+    or one `optim.*` key, `batch` or one `batch.*` key, `run.seed`, `data.seq_len`,
+    `data.val_fraction`, `model.dropout`. The model's shape and `precision` never change within
+    a run."""
     deterministic: bool = False
     """Only deterministic kernels on GPU (slower: the math attention kernel, a fixed cuBLAS
     workspace), so that two runs, or a run and its resumed copy, give the same losses bit for
@@ -422,6 +428,22 @@ class Config:
         return Path(self.run.dir or os.path.join("runs", self.run.name))
 
 
+# What `run.allow_changes` may name: the rest of the checked keys (the model's shape,
+# `precision`) cannot change within a run (megatrain/resume.py compares).
+RESUMABLE_CHANGES = (
+    "data",
+    "tokenizer",
+    "optim",
+    *(f"optim.{f.name}" for f in dataclasses.fields(OptimConfig)),
+    "batch",
+    *(f"batch.{f.name}" for f in dataclasses.fields(BatchConfig)),
+    "run.seed",
+    "data.seq_len",
+    "data.val_fraction",
+    "model.dropout",
+)
+
+
 # ----------------------------------------------------------------------------- finding files
 
 
@@ -515,6 +537,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError("'parallel.offload_params' needs 'parallel.zero_stage: 3'")
     if cfg.run.max_steps <= 0 and cfg.run.max_tokens <= 0:
         raise ConfigError("set 'run.max_steps' or 'run.max_tokens' to say how long to train")
+    for name in cfg.run.allow_changes:
+        if name not in RESUMABLE_CHANGES:
+            hint = difflib.get_close_matches(str(name), RESUMABLE_CHANGES, n=1)
+            raise ConfigError(
+                f"'run.allow_changes' names '{name}', which a resume cannot allow"
+                + (f"; did you mean '{hint[0]}'?" if hint else "")
+                + f" (allowed: {', '.join(RESUMABLE_CHANGES)})"
+            )
     if cfg.optim.min_lr > cfg.optim.lr:
         raise ConfigError(
             f"'optim.min_lr' ({cfg.optim.min_lr}) is above 'optim.lr' ({cfg.optim.lr})"

@@ -32,6 +32,7 @@ import time
 from megatrain import stop
 from megatrain.config import Config, load_cluster
 from megatrain.errors import MegatrainError
+from megatrain.locks import check_run_dir_free
 from megatrain.plan import plan_run
 from megatrain.shards import Manifest
 
@@ -48,7 +49,8 @@ class RunDirError(MegatrainError):
 def preflight(cfg: Config, nproc: int) -> None:
     """What the ranks would find wrong in their first seconds, found before any starts: every
     dataset's manifest reads, the run plan holds on `nproc` processes, the cluster profile loads,
-    the run directory can be created and written. Each raises a named error."""
+    the run directory can be created and written, and no other training holds it. Each raises
+    a named error."""
     manifests = [Manifest.read(src.path) for src in cfg.data.sources]
     vocab = manifests[0].vocab_size if manifests else None
     plan_run(cfg, nproc, vocab, nproc)
@@ -63,6 +65,7 @@ def preflight(cfg: Config, nproc: int) -> None:
             f"'run.dir' {cfg.run_dir} cannot be written ({e.strerror}): choose another run.dir "
             "or fix its permissions"
         ) from None
+    check_run_dir_free(cfg.run_dir)
 
 
 def free_port() -> int:

@@ -38,6 +38,7 @@ from megatrain.evaluator import Evaluator
 from megatrain.files import atomic_write_bytes, atomic_write_text
 from megatrain.guard import StabilityGuard
 from megatrain.hf import check_tokenizer, load_hf_weights, resolve_init_from
+from megatrain.locks import ReadersLock, RunLock
 from megatrain.memory import memory_per_gpu
 from megatrain.metrics import StepMetrics, resolve_peak
 from megatrain.model import Transformer
@@ -51,6 +52,7 @@ from megatrain.parallel import (
     use_deterministic_kernels,
 )
 from megatrain.plan import plan_run
+from megatrain.resume import check_resume, data_identity, resume_event
 from megatrain.shards import Dataset
 from megatrain.sinks import MetricsLogger
 from megatrain.stop import StopRequest
@@ -118,7 +120,11 @@ class Trainer:
         env = dist.DistEnv.from_environ()
         self.device = dist.init_process_group(env)
         self.rank, self.world = env.rank, env.world_size
+        self._lock(cfg)
         self.sources = open_sources(cfg, self.rank, self.world)
+        self.data = data_identity(
+            [(s.path, s.weight, d.dataset.manifest) for s, d in zip(cfg.data.sources, self.sources)]
+        )
         if cfg.model.init_from:  # the shape of the model the run starts from
             resolve_init_from(cfg)
             dataset = self.sources[0].dataset
@@ -182,6 +188,28 @@ class Trainer:
         gathered = dist.all_gather(parameter_bytes(self.engine.module))
         self.param_gb_per_rank = [b / 2**30 for b in gathered]
 
+    def _lock(self, cfg: Config) -> None:
+        """Before anything is written: rank 0 takes RUN_DIR/.lock (a second training on the run
+        directory stops here, on every rank, naming the holder), and every rank holds its
+        datasets open against `megatrain prep --force`. Released at the end of `run()`, or by
+        the kernel when the process dies."""
+        self.run_lock: RunLock | None = None
+        self.readers: ReadersLock | None = None
+
+        def take_run_dir() -> None:
+            self.run_lock = RunLock(cfg.run_dir)
+
+        def take_data() -> None:
+            self.readers = ReadersLock([src.path for src in cfg.data.sources])
+
+        dist.agree(take_run_dir, root=0)
+        dist.agree(take_data)
+
+    def _unlock(self) -> None:
+        for lock in (self.readers, self.run_lock):
+            if lock is not None:
+                lock.release()
+
     def _check_device(self) -> None:
         cuda = self.device.type == "cuda"
         hardware.check_device(
@@ -241,7 +269,21 @@ class Trainer:
             p.zero_stage,
             log=self.logger.event,
             global_batch=self.plan.layout.global_batch,
+            check=self._check_resume,
         )
+
+    def _check_resume(self, tag: str, manifest: dict) -> None:
+        """Refuse, on every rank and by name, a checkpoint this config does not continue (see
+        megatrain/resume.py); log what `run.allow_changes` let through."""
+        if "data" not in manifest:
+            reason = "written before checkpoints recorded their data and tokenizer"
+            self.logger.event({"event": "resume_unchecked", "tag": tag, "reason": reason})
+        allow = self.cfg.run.allow_changes
+        current = {"config": asdict(self.cfg), "data": self.data}
+        where = self.cfg.run_dir / "checkpoints" / tag
+        found = dist.agree(lambda: check_resume(manifest, current, allow, str(where)))
+        if found:
+            self.logger.event(resume_event(found, tag, allow))
 
     def _rewind_metrics(self, resume: ResumePoint | None) -> dict | None:
         """metrics.jsonl keeps each step once: the records after the checkpoint's step go (with
@@ -309,6 +351,7 @@ class Trainer:
                 "config": asdict(cfg),
                 "layout": {**layout_info, "zero_stage": cfg.parallel.zero_stage},
                 "lineage": self.lineage,
+                "data": self.data,
             },
             log=self.logger.event,
             last_bytes=checkpoint_bytes(resume.manifest) if resume else 0,
@@ -413,6 +456,7 @@ class Trainer:
             self.loader.close()
             self._hook("on_close", error)
             self.logger.close()
+            self._unlock()
         return {
             "run_dir": str(self.cfg.run_dir),
             "steps": self.step,
