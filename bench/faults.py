@@ -122,13 +122,22 @@ def all_pids() -> list[int]:
 class Run:
     """One `megatrain train` command on a run directory, and every process it started."""
 
-    def __init__(self, bench: Bench, run_dir: Path, extra: list[str] = (), log: str = "train"):
+    def __init__(
+        self,
+        bench: Bench,
+        run_dir: Path,
+        extra: list[str] = (),
+        log: str = "train",
+        by_dir: bool = True,
+    ):
+        """Start the command; `by_dir`: also follow any process whose command line holds this
+        run directory (off when two commands share one, to tell their processes apart)."""
         self.dir = Path(run_dir)
         self.dir.parent.mkdir(parents=True, exist_ok=True)
         self.log = self.dir.parent / f"{self.dir.name}-{log}.log"
         cmd = [sys.executable, "-m", "megatrain.cli", "train", str(REPO / "configs" / "tiny.yaml")]
         cmd += ["--nproc", "2", *bench.overrides, *extra, f"run.dir={self.dir}"]
-        self.marker = f"run.dir={self.dir}"
+        self.marker = f"run.dir={self.dir}" if by_dir else None
         self.started = time.monotonic()
         with open(self.log, "w") as out:
             # its own process group, as a terminal or a batch system gives a job
@@ -148,7 +157,7 @@ class Run:
             if stat is None or stat[0] in ("Z", "X"):
                 continue
             parents.setdefault(stat[1], []).append(pid)
-            if pid != os.getpid() and self.marker in cmdline(pid):
+            if self.marker and pid != os.getpid() and self.marker in cmdline(pid):
                 live.add(pid)
         todo = [p for p in self.seen | live if alive(p)]
         while todo:
@@ -247,8 +256,10 @@ class Bench:
 
     runs: list[Run] = field(default_factory=list)
 
-    def start(self, run_dir: Path, extra: list[str] = (), log: str = "train") -> Run:
-        self.runs.append(Run(self, run_dir, extra, log))
+    def start(
+        self, run_dir: Path, extra: list[str] = (), log: str = "train", by_dir: bool = True
+    ) -> Run:
+        self.runs.append(Run(self, run_dir, extra, log, by_dir))
         return self.runs[-1]
 
     def clean_up(self) -> None:
@@ -388,8 +399,9 @@ def kill9_group(b: Bench, d: Path, t: Try) -> None:
 
 
 def _measure_end(b: Bench, run: Run, t: Try) -> None:
-    """After a fault: the seconds until all is gone (bounded by --wait-s), the exit code."""
-    t0 = time.monotonic()
+    """After a fault: the seconds until all is gone (bounded by --wait-s), the exit code, and
+    whether the ranks trained on after it."""
+    t0, at = time.monotonic(), run.step()
     t.seconds = run.wait_gone(b.wait_s)
     if t.seconds is None:
         t.seconds = b.wait_s
@@ -397,6 +409,8 @@ def _measure_end(b: Bench, run: Run, t: Try) -> None:
     elif note := outlived(run, t0 + t.seconds):
         t.notes.append(note)
     t.exit_code = run.launcher.returncode
+    if run.step() > at + 1:
+        t.notes.append(f"the ranks trained on after the fault, from step {at} to {run.step()}")
 
 
 def kill9_checkpoint(b: Bench, d: Path, t: Try) -> None:
@@ -440,8 +454,8 @@ def _signal(sig: signal.Signals) -> Callable[[Bench, Path, Try], None]:
         last = run_step(d / "run")
         if stops:
             t.notes.append(f"stopped with a checkpoint {stops[-1]['step'] - at} steps after it")
-        elif last == MAX_STEPS and t.exit_code == 0:
-            t.notes.append(f"ignored: trained on from step {at} to the end ({MAX_STEPS})")
+        elif last == MAX_STEPS:
+            t.notes.append(f"not a stop: the ranks trained on from step {at} to the end")
         else:
             t.notes.append(f"died without a checkpoint at step {last}")
         if "Traceback" in run.output():
@@ -563,10 +577,10 @@ def two_runs(b: Bench, d: Path, t: Try) -> None:
     """A second identical command on the same run directory while the first one starts: one must
     be refused at once, naming who holds the directory. The seconds are from the second start
     until the first of the two commands is entirely gone."""
-    first = b.start(d / "run", log="first")
+    first = b.start(d / "run", log="first", by_dir=False)
     # the second starts as soon as the first's ranks exist, so that both train at once
     first.wait_for(lambda: len(first.ranks()) == 2, b.run_timeout)
-    second = b.start(d / "run", log="second")
+    second = b.start(d / "run", log="second", by_dir=False)
     t0 = time.monotonic()
     end = t0 + b.run_timeout
     while time.monotonic() < end and first.scan() and second.scan():
@@ -671,11 +685,11 @@ def main(argv=None) -> None:
         bench = Bench(work, data, args.wait_s, args.run_timeout)
         bench.overrides = [f"data.sources.0.path={data}", *TRAIN]
         ref = work / "reference"
-        shutil.rmtree(ref, ignore_errors=True)
-        t = Try()
-        rc = bench.to_end(bench.start(ref), t, "the reference")
-        if rc != 0 or run_step(ref) != MAX_STEPS:
-            raise SystemExit(f"the reference run failed (exit {rc}); see {ref}-train.log")
+        if not (complete(ref) and run_step(ref) == MAX_STEPS):  # else kept from an earlier run
+            shutil.rmtree(ref, ignore_errors=True)
+            rc = bench.to_end(bench.start(ref), Try(), "the reference")
+            if rc != 0 or run_step(ref) != MAX_STEPS:
+                raise SystemExit(f"the reference run failed (exit {rc}); see {ref}-train.log")
         bench.reference = losses(ref)
         folder = ref / "checkpoints" / tag_for(MAX_STEPS)
         bench.ckpt_bytes = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
