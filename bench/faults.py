@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -350,6 +351,9 @@ def error_message(text: str) -> str:
     for line in lines:
         if ": error: " in line and line.startswith("megatrain"):
             return line[:200]
+    from_ranks = [x for x in lines if re.match(r"\[rank\d+\]: \w+(Error|Exception): ", x)]
+    if from_ranks:  # the first rank's own error, not torchrun's ChildFailedError after it
+        return from_ranks[0][:200]
     errors = [x for x in lines if "Error:" in x or "Exception:" in x]
     return (errors[-1] if errors else last_line(text))[:200]
 
