@@ -674,6 +674,9 @@ def main(argv=None) -> None:
     unknown = sorted(set(names) - set(FAULTS))
     if unknown:
         raise SystemExit(f"unknown faults {unknown}; choose among {', '.join(FAULTS)}")
+    # Ctrl-C stops the bench even when started in the background (where a shell ignores SIGINT),
+    # and the commands it starts do not inherit an ignored SIGINT: the sigint row needs it
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("WANDB_SILENT", "true")
     os.environ.setdefault("MEGATRAIN_CONFIGS", str(REPO / "configs"))
