@@ -22,6 +22,8 @@ Prints one JSON row per fault:
                              work): median and max
     resumed_bit_identical    after the rerun, every step's loss equals the reference's, in every try
     notes                    what went wrong or what was seen, with how many tries saw it
+    checkpoint_mb_written_at_kill   kill9_checkpoint only: how much of the checkpoint was on
+                             disk when the run died (median, max)
 
 Processes are found through /proc: the launcher's descendants (sampled all along, so a rank that
 outlives its parent is still followed), and any process whose command line holds the run's
@@ -243,6 +245,7 @@ class Try:
     steps_lost: int | None = None
     identical: bool = False
     notes: list[str] = field(default_factory=list)
+    written_mb: float | None = None  # kill9_checkpoint: how much of the checkpoint was written
 
 
 @dataclass
@@ -423,18 +426,15 @@ def kill9_checkpoint(b: Bench, d: Path, t: Try) -> None:
     run = b.start(d / "run")
     folder = d / "run" / "checkpoints" / tag_for(2 * CKPT_EVERY)
     run.wait_for(folder.exists, b.run_timeout, every=0.002)
-    pids = run.scan()
-    caught = folder.exists() and not (folder / MANIFEST).exists()
-    for pid in pids:
+    for pid in run.scan():
         kill(pid, signal.SIGKILL)
     t.seconds = run.wait_gone(b.wait_s)
     t.exit_code = run.launcher.returncode
-    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.exists() else 0
-    t.notes.append(
-        f"killed mid-write ({size / 1e6:.0f} MB of ~{b.ckpt_bytes / 1e6:.0f} MB written)"
-        if caught
-        else "missed the write: the manifest was there (killed after it)"
-    )
+    if folder.exists() and not (folder / MANIFEST).exists():  # the dead write no more
+        t.written_mb = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 1e6
+        t.notes.append(f"killed mid-write (of ~{b.ckpt_bytes / 1e6:.0f} MB)")
+    else:
+        t.notes.append("missed the write: the manifest was there (killed after it)")
     b.resume(d / "run", t)
 
 
@@ -629,6 +629,7 @@ def summarize(name: str, tries: list[Try]) -> dict:
         return {"median": round(statistics.median(values), 2), "max": round(max(values), 2)}
 
     notes = Counter(n for t in tries for n in dict.fromkeys(t.notes))
+    written = spread(t.written_mb for t in tries)
     return {
         "fault": name,
         "tries": len(tries),
@@ -637,6 +638,7 @@ def summarize(name: str, tries: list[Try]) -> dict:
         "steps_lost": spread(t.steps_lost for t in tries),
         "resumed_bit_identical": all(t.identical for t in tries),
         "notes": [f"{n} ({c}/{len(tries)})" for n, c in notes.items()],
+        **({"checkpoint_mb_written_at_kill": written} if written else {}),
     }
 
 
