@@ -90,3 +90,20 @@ def test_gpu_check_judges_a_training_run_by_its_files(tmp_path):
     assert {"the loss did not fall by 1", "energy not measured by NVML", "rolled back"} <= set(
         figures["why"]
     )
+
+
+@pytest.mark.slow
+def test_faults_bench_kills_a_rank_and_reports_one_row(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "bench/faults.py", "--only", "kill9_rank", "--tries", "1"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    (row,) = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert row["fault"] == "kill9_rank" and row["tries"] == 1, row
+    assert row["exit_code"] and row["seconds_until_all_gone"]["max"] >= 0, row
+    assert row["steps_lost"] is not None and row["resumed_bit_identical"] is True, row
+    assert not any(n.startswith("bench error") for n in row["notes"]), row
