@@ -216,6 +216,7 @@ class Run:
         t0 = time.monotonic()
         while time.monotonic() - t0 < timeout:
             if not self.scan():
+                self.launcher.poll()  # reap it: its exit code, not a zombie's None
                 return time.monotonic() - t0
             time.sleep(0.1)
         self.kill_all()

@@ -109,7 +109,7 @@ def run_megatrain(args, model) -> dict:
             f"run.max_steps={steps}",
             "run.log_every=1",
             "run.ckpt_at_end=false",
-            "run.eval_batches=0",
+            "run.eval_batches=1",  # the validation at the last step, after its timing
             f"run.dir={run}",
             "wandb.mode=disabled",
             "cluster=local",
