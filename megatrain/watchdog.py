@@ -131,7 +131,7 @@ class Watchdog:
             with open(tmp, "w") as f:
                 f.write(
                     f"rank {self.rank} on {self.host}: no progress for {waited:.1f} s "
-                    f"(limit {limit:.1f} s) in {self.name} of step {self.current}\n\n"
+                    f"(limit {limit:.1f} s), phase '{self.name}', step {self.current}\n\n"
                 )
                 f.flush()
                 faulthandler.dump_traceback(f, all_threads=True)
@@ -142,7 +142,7 @@ class Watchdog:
             where = f"not written: {e}"
         print(
             f"megatrain train: error: hang: rank {self.rank} on {self.host} made no progress for "
-            f"{waited:.0f} s (limit {limit:.0f} s) in {self.name} of step {self.current}; "
+            f"{waited:.0f} s (limit {limit:.0f} s), phase '{self.name}', step {self.current}; "
             f"stacks: {where}",
             file=sys.stderr,
             flush=True,

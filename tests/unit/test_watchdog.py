@@ -67,7 +67,7 @@ def test_a_process_that_stops_progressing_dumps_its_stacks_logs_and_exits(tmp_pa
     assert took < 15
     (stacks,) = (tmp_path / "hangs").glob("*-rank0-step4.txt")
     text = stacks.read_text()
-    assert "in step of step 4" in text and "Thread" in text and 'File "' in text
+    assert "phase 'step', step 4" in text and "Thread" in text and 'File "' in text
     assert "stuck_in_a_collective" in text
     assert not list((tmp_path / "hangs").glob(".*"))  # no temporary file left
     assert "megatrain train: error: hang: rank 0" in done.stderr
