@@ -12,10 +12,10 @@ tracebacks. This launcher:
   (`PR_SET_PDEATHSIG`), so that `kill -9` of the launcher or of its group leaves no rank running;
 - forwards SIGTERM, SIGUSR1, SIGUSR2 and SIGINT to the ranks, which save a checkpoint and stop at
   the same step (megatrain/stop.py); a second SIGINT kills them at once (exit 130);
-- relays the ranks' stderr; once a rank has failed it stops the others (SIGTERM, then SIGKILL
-  after `GRACE_S`: a rank blocked in a collective cannot stop itself), relays only their
-  one-line errors, each distinct one once, and exits 2 if a rank exited 2 (a user's error),
-  3 if a rank's watchdog found it hung (megatrain/watchdog.py), else 1.
+- relays the ranks' stderr; once a rank has failed it stops the others (SIGTERM and SIGCONT, for
+  a stopped rank, then SIGKILL after `GRACE_S`: a rank blocked in a collective cannot stop
+  itself), relays only their one-line errors, each distinct one once, and exits 2 if a rank
+  exited 2 (a user's error), 3 if a rank's watchdog found it hung (megatrain/watchdog.py), else 1.
 """
 
 from __future__ import annotations
