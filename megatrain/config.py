@@ -217,6 +217,18 @@ class RunConfig:
     max_restarts: int = 100
     """Most times a Slurm job requeues itself after a time-limit warning (SLURM_RESTART_COUNT);
     100 x 20 h jobs is ~12 weeks."""
+    hang_timeout_s: float = 0
+    """Seconds a rank may go without completing a step before its watchdog writes every thread's
+    stack to RUN_DIR/hangs/, logs a `hang` event and exits (code 3), ending the job; 0: automatic,
+    the larger of 600 s and `hang_factor` x the median step time so far."""
+    hang_factor: float = 10.0
+    """With `hang_timeout_s` 0: a step this many times slower than the median counts as a hang."""
+    hang_slow_s: float = 3600.0
+    """The least time allowed for start-up (until the first step ends: compilation, NCCL set-up),
+    an evaluation and a checkpoint save, whatever `hang_timeout_s` says."""
+    collective_timeout_s: float = 1800
+    """Seconds a collective (NCCL, gloo) waits for its peers before it fails with an error (a
+    dead peer also surfaces at once as an NCCL error: TORCH_NCCL_ASYNC_ERROR_HANDLING=1)."""
 
 
 @dataclass
@@ -355,6 +367,8 @@ RANGES: dict[type, dict[str, Range]] = {
         **dict.fromkeys(["eval_every", "ckpt_every", "keep", "keep_every"], AT_LEAST_0),
         **dict.fromkeys(["log_every", "eval_batches"], AT_LEAST_1),
         "max_restarts": AT_LEAST_0,
+        **dict.fromkeys(["hang_timeout_s", "hang_slow_s"], AT_LEAST_0),
+        **dict.fromkeys(["hang_factor", "collective_timeout_s"], AT_LEAST_1),
     },
     GuardConfig: {
         "spike_window": AT_LEAST_1,

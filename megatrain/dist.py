@@ -177,13 +177,14 @@ def device_for(env: DistEnv) -> torch.device:
 # of a 7B model takes longer than NCCL's 30 minutes), and gloo notices a dead peer anyway.
 OBJECT_TIMEOUT = timedelta(hours=12)
 _objects = None  # the group of `all_gather`
+RENDEZVOUS_TIMEOUT = timedelta(minutes=30)  # the least time ranks get to meet at start
 
 
 def init_process_group(env: DistEnv, timeout: timedelta = timedelta(minutes=30)) -> torch.device:
     """Create the default process group (NCCL on GPU, gloo on CPU; collectives give up after
-    `timeout`) and hand it to DeepSpeed, whose engine needs its own view of it, and the gloo group
-    of the object collectives; returns this process's device. MASTER_ADDR and MASTER_PORT come
-    from `env` unless already set."""
+    `timeout`: `run.collective_timeout_s`) and hand it to DeepSpeed, whose engine needs its own
+    view of it, and the gloo group of the object collectives; returns this process's device.
+    MASTER_ADDR and MASTER_PORT come from `env` unless already set."""
     global _objects
     import torch
     import torch.distributed as dist
@@ -209,6 +210,9 @@ def init_process_group(env: DistEnv, timeout: timedelta = timedelta(minutes=30))
         RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank)
     )
     backend = "nccl" if device.type == "cuda" else "gloo"
+    # NCCL aborts its communicators and raises when a collective fails or times out, so that a
+    # dead peer is an error rather than a hang (torch's default only skips the clean-up)
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     # Binding the device makes NCCL set up at once; torch 2.6 < v < 2.7.1 hangs doing so (a torch
     # bug DeepSpeed also steps around), and a single rank has no peer to set up with.
     bind = device.type == "cuda" and env.world_size > 1
@@ -220,7 +224,9 @@ def init_process_group(env: DistEnv, timeout: timedelta = timedelta(minutes=30))
     if env.world_size == 1:  # nobody to meet: no port to take (single-GPU jobs share nodes)
         store = dist.HashStore()
     else:
-        store, _, _ = next(dist.rendezvous("env://", env.rank, env.world_size, timeout=timeout))
+        # meeting waits for the slowest rank to start, however short the collectives' timeout
+        meet = max(timeout, RENDEZVOUS_TIMEOUT)
+        store, _, _ = next(dist.rendezvous("env://", env.rank, env.world_size, timeout=meet))
     if device.type == "cuda":
         _claim_gpu(store, torch.cuda.get_device_properties(device).uuid, env.rank)
     dist.init_process_group(
@@ -231,7 +237,7 @@ def init_process_group(env: DistEnv, timeout: timedelta = timedelta(minutes=30))
         timeout=timeout,
         device_id=device if bind else None,
     )
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
     _objects = dist.new_group(backend="gloo", timeout=OBJECT_TIMEOUT)
     return device
 

@@ -12,10 +12,10 @@ tracebacks. This launcher:
   (`PR_SET_PDEATHSIG`), so that `kill -9` of the launcher or of its group leaves no rank running;
 - forwards SIGTERM, SIGUSR1, SIGUSR2 and SIGINT to the ranks, which save a checkpoint and stop at
   the same step (megatrain/stop.py); a second SIGINT kills them at once (exit 130);
-- relays the ranks' stderr; once a rank has failed it stops the others (SIGTERM, then SIGKILL
-  after `GRACE_S`: a rank blocked in a collective cannot stop itself), relays only their
-  one-line errors, each distinct one once, and exits 2 if a rank exited 2 (a user's error),
-  else 1.
+- relays the ranks' stderr; once a rank has failed it stops the others (SIGTERM and SIGCONT, for
+  a stopped rank, then SIGKILL after `GRACE_S`: a rank blocked in a collective cannot stop
+  itself), relays only their one-line errors, each distinct one once, and exits 2 if a rank
+  exited 2 (a user's error), 3 if a rank's watchdog found it hung (megatrain/watchdog.py), else 1.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from megatrain.errors import MegatrainError
 from megatrain.locks import check_run_dir_free
 from megatrain.plan import plan_run
 from megatrain.shards import Manifest
+from megatrain.watchdog import HANG_EXIT
 
 GRACE_S = 5.0  # how long a failed job's other ranks get to exit before SIGKILL
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
@@ -174,6 +175,7 @@ class Launch:
                     with self._lock:
                         self.failed, self.failed_at = bad[0], time.monotonic()
                     self.signal_ranks(signal.SIGTERM)
+                    self.signal_ranks(signal.SIGCONT)  # a stopped rank gets its SIGTERM now
             elif time.monotonic() - self.failed_at > GRACE_S:
                 self.signal_ranks(signal.SIGKILL)
             time.sleep(0.05)
@@ -182,12 +184,15 @@ class Launch:
         codes = [p.returncode for p in self.procs]
         if all(c == 0 for c in codes):
             return 0
-        return 2 if 2 in codes else 1
+        if 2 in codes:
+            return 2
+        return HANG_EXIT if HANG_EXIT in codes else 1
 
 
 def launch_local(cfg: Config, argv: list[str], nproc: int) -> int:
     """Run `argv` (a `megatrain train` command) as `nproc` ranks on this machine, after
-    `preflight`; returns the exit code (0, 1 a crash, 2 a user's error, 130 interrupted)."""
+    `preflight`; returns the exit code (0, 1 a crash, 2 a user's error, 3 a hang, 130
+    interrupted)."""
     preflight(cfg, nproc)
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))

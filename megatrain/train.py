@@ -16,6 +16,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -56,6 +57,7 @@ from megatrain.resume import check_resume, data_identity, resume_event
 from megatrain.shards import Dataset
 from megatrain.sinks import MetricsLogger
 from megatrain.stop import StopRequest
+from megatrain.watchdog import Watchdog
 
 
 @dataclass
@@ -118,7 +120,8 @@ class Trainer:
     def __init__(self, cfg: Config, callbacks: Sequence[Callback] = ()):
         self.cfg, self.callbacks = cfg, list(callbacks)
         env = dist.DistEnv.from_environ()
-        self.device = dist.init_process_group(env)
+        timeout = timedelta(seconds=cfg.run.collective_timeout_s)
+        self.device = dist.init_process_group(env, timeout=timeout)
         self.rank, self.world = env.rank, env.world_size
         self._lock(cfg)
         self.sources = open_sources(cfg, self.rank, self.world)
@@ -411,7 +414,8 @@ class Trainer:
             self.logger.event({"event": "rollback_impossible", "step": self.step, "reason": reason})
             return False
         tag, manifest = found
-        self.checkpointer.restore(tag, manifest, parts=False)
+        with self.watchdog.phase("rollback"):
+            self.checkpointer.restore(tag, manifest, parts=False)
         self.logger.event(
             {
                 "event": "rollback",
@@ -427,6 +431,17 @@ class Trainer:
     # ------------------------------------------------------------------------- the loop
 
     def run(self) -> dict:
+        r = self.cfg.run
+        # a hung rank (a frozen peer, a dead device) dumps its stacks and exits (megatrain/watchdog)
+        self.watchdog = Watchdog(
+            self.cfg.run_dir,
+            self.rank,
+            self.step,
+            r.hang_timeout_s,
+            r.hang_factor,
+            r.hang_slow_s,
+            log=self.logger.event if self.rank == 0 else None,
+        ).start()
         self._announce()
         record: dict = {}
         stopped, error = False, None
@@ -435,6 +450,7 @@ class Trainer:
             while self.step < self.plan.max_steps and not stopped:
                 step = self.train_step()
                 self.step += 1
+                self.watchdog.beat(self.step)
                 stopped = step.stop
                 self._hook("on_step_end", step.loss, step.skipped)
                 if self._guard(step) and not stopped:
@@ -453,6 +469,7 @@ class Trainer:
             self.logger.event({"event": "error", **message})
             raise
         finally:
+            self.watchdog.stop()
             self.loader.close()
             self._hook("on_close", error)
             self.logger.close()
@@ -503,7 +520,8 @@ class Trainer:
         if self.cfg.precision == "fp16":
             record["loss_scale"] = self._loss_scale()
         if evaluate:
-            record.update(self.evaluator.evaluate())
+            with self.watchdog.phase("evaluation"):
+                record.update(self.evaluator.evaluate())
         if self.memory_plan is not None:
             self._compare_memory(record["mem_gb"])
         if not self._compile_reported and compile_reason(self.cfg, self.device) is None:
@@ -536,7 +554,8 @@ class Trainer:
         )
 
     def _save(self) -> None:
-        path = self.checkpointer.save(self.step)
+        with self.watchdog.phase("checkpoint save"):
+            path = self.checkpointer.save(self.step)
         self.logger.event({"event": "checkpoint", "step": self.step, "path": str(path)})
         self._hook("on_checkpoint", path)
 

@@ -48,6 +48,7 @@ def zero_runs(tiny_dataset, tmp_path_factory):
     out = {}
     for name, extra in variants.items():
         run_train(TINY, base(tiny_dataset, root / name, **extra))
+        assert not events(root / name, "hang")  # the automatic watchdog timeout never fired
         out[name] = losses(root / name)
     return out
 
@@ -75,6 +76,7 @@ def test_resume_on_a_different_number_of_processes(tiny_dataset, tmp_path, zero_
         assert max(diffs) < 1e-4, (
             f"{first}->{second} processes: losses differ by up to {max(diffs):.2e}: {got}"
         )
+        assert not events(run_dir, "hang")  # a universal conversion is no hang
         resumed = events(run_dir, "resumed")[0]
         assert (
             resumed["universal"] and resumed["step"] == 6 and resumed["consumed_samples"] == 6 * 16
