@@ -216,7 +216,10 @@ class Run:
         t0 = time.monotonic()
         while time.monotonic() - t0 < timeout:
             if not self.scan():
-                self.launcher.poll()  # reap it: its exit code, not a zombie's None
+                try:  # reap the launcher: its exit code, not a zombie's None
+                    self.launcher.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    pass
                 return time.monotonic() - t0
             time.sleep(0.1)
         self.kill_all()
