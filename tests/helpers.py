@@ -31,15 +31,9 @@ def corpus_sample(out_dir: Path, docs_per_language: int = 60) -> Path:
     return out_dir
 
 
-def run_train(
-    config: Path | str,
-    overrides: list[str],
-    nproc: int = 2,
-    timeout: int = 600,
-    env: dict | None = None,
-) -> subprocess.CompletedProcess:
+def train_command(config: Path | str, overrides: list[str], nproc: int = 2) -> list[str]:
     """`torchrun --nproc_per_node=N -m megatrain.cli train CONFIG overrides`, on its own port."""
-    cmd = [
+    return [
         sys.executable,
         "-m",
         "torch.distributed.run",
@@ -51,8 +45,18 @@ def run_train(
         str(config),
         *overrides,
     ]
+
+
+def run_train(
+    config: Path | str,
+    overrides: list[str],
+    nproc: int = 2,
+    timeout: int = 600,
+    env: dict | None = None,
+) -> subprocess.CompletedProcess:
+    """Run `train_command(config, overrides, nproc)`; a failure raises with its output."""
     result = subprocess.run(
-        cmd,
+        train_command(config, overrides, nproc),
         capture_output=True,
         text=True,
         timeout=timeout,

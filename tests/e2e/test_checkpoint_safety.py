@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.helpers import REPO, events, free_port, losses, read_jsonl, run_train
+from tests.helpers import REPO, events, losses, read_jsonl, run_train, train_command
 
 TINY = REPO / "configs" / "tiny.yaml"
 
@@ -39,18 +39,7 @@ def common(dataset: Path, run_dir: Path) -> list[str]:
 
 
 def command(overrides: list[str], nproc: int = 2) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={nproc}",
-        f"--master_port={free_port()}",
-        "-m",
-        "megatrain.cli",
-        "train",
-        str(TINY),
-        *overrides,
-    ]
+    return train_command(TINY, overrides, nproc)
 
 
 def train_failing(overrides: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
