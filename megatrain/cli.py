@@ -87,6 +87,16 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_recover(args) -> int:
+    from megatrain.config import load_config
+    from megatrain.requeue import recover
+
+    if args.exit_status == 0:
+        return 0  # nothing crashed
+    recover(load_config(args.config, args.overrides), args.exit_status)
+    return args.exit_status  # the job's status stays the crash's
+
+
 def dry_run(cfg, world_size: int) -> dict:
     """Model size, FLOPs per token and batch layout, without touching a GPU: the trainer's own
     run plan (the dataset's manifest gives the vocabulary when the config leaves it to it), and
@@ -490,6 +500,27 @@ def add_train(sub) -> None:
     p.set_defaults(func=cmd_train)
 
 
+def add_recover(sub) -> None:
+    p = sub.add_parser(
+        "recover",
+        help="after a crashed Slurm job step: requeue the job if the run can go on",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run by a batch script after `srun megatrain train ...` failed (slurm/"
+        "pretrain.sh, `megatrain submit`): records a `crashed` event in RUN_DIR/events.jsonl and "
+        "requeues the job (same id) when a checkpoint was saved since it started, or once when "
+        "none was; a second crash in a row without progress, or run.max_restarts, stops the "
+        "chain with the reason. Exits with the crash's status.",
+        epilog='example (in a batch script):\n  srun megatrain train CONFIG "$@" || status=$?\n'
+        '  megatrain recover CONFIG "$@" --exit-status ${status:-0}',
+    )
+    p.add_argument("config", help="the run config the job trained, e.g. configs/tiny.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="the same overrides")
+    p.add_argument(
+        "--exit-status", type=int, required=True, help="srun's exit status (0: nothing to do)"
+    )
+    p.set_defaults(func=cmd_recover)
+
+
 def add_plan(sub) -> None:
     p = sub.add_parser(
         "plan",
@@ -750,6 +781,7 @@ SUBCOMMANDS = [
     add_train,
     add_plan,
     add_submit,
+    add_recover,
     add_export,
     add_generate,
     add_eval,
@@ -781,7 +813,7 @@ def main(argv: list[str] | None = None) -> int:
         # name only what is wrong: an unknown option here; an override without `=` is named by
         # the config loader
         unknown = [e for e in extra if e.startswith("-")]
-        if args.command not in ("train", "plan", "submit") or unknown:
+        if args.command not in ("train", "plan", "submit", "recover") or unknown:
             parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
         args.overrides += extra
     try:

@@ -215,8 +215,9 @@ class RunConfig:
     """torch.compile each transformer block on GPU (not under ZeRO-3; never on CPU); a block
     that cannot be compiled runs eagerly, and events.jsonl says how many graphs and breaks."""
     max_restarts: int = 100
-    """Most times a Slurm job requeues itself after a time-limit warning (SLURM_RESTART_COUNT);
-    100 x 20 h jobs is ~12 weeks."""
+    """Most times a Slurm job requeues itself (SLURM_RESTART_COUNT), after a time-limit
+    warning or a crash (`megatrain recover`); 100 x 20 h jobs is ~12 weeks. Two crashes in a
+    row without a new checkpoint stop the chain sooner."""
     hang_timeout_s: float = 0
     """Seconds a rank may go without completing a step before its watchdog writes every thread's
     stack to RUN_DIR/hangs/, logs a `hang` event and exits (code 3), ending the job; 0: automatic,

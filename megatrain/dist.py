@@ -124,6 +124,15 @@ def expand_nodelist(nodelist: str) -> list[str]:
     return hosts
 
 
+def slurm_job(environ: Mapping[str, str] = os.environ) -> dict | None:
+    """This Slurm job's id and restart count ({"id": "123", "restart": 0}); None outside Slurm.
+    A requeued job keeps its id and counts one more restart."""
+    job = environ.get("SLURM_JOB_ID")
+    if not job:
+        return None
+    return {"id": job, "restart": int(environ.get("SLURM_RESTART_COUNT") or 0)}
+
+
 def job_port(job_id: str | int) -> int:
     """A port derived from a job id, the same on every task of the job without talking; two jobs
     sharing a node do not collide. 10000-29999 stays below Linux's ephemeral ports (32768+)."""

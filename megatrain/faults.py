@@ -6,6 +6,11 @@ Set in the environment of the training processes (the tests start real ones):
                                            as bad data would be until skipped)
     MEGATRAIN_INJECT_SPIKE_AT_STEPS=25     every rank's loss is multiplied by 100 at these steps
                                            (once each): a loss spike
+    MEGATRAIN_INJECT_RAISE=1:12            rank 1 raises InjectedFault in the forward of step 12,
+                                           each time it gets there (a crash that comes back)
+    MEGATRAIN_INJECT_RAISE=1:12:once       the same, once per run directory: the first time
+                                           leaves RUN_DIR/faults/raised-rank1-step12 (a crash
+                                           that a restart gets past)
 
 The loss is changed where the model returns it (a forward hook on the last micro-batch of the
 step), so gradients, the guard, metrics and checkpoints see exactly what a real fault would give.
@@ -20,6 +25,7 @@ from megatrain.callbacks import Callback
 
 NAN_ENV = "MEGATRAIN_INJECT_NAN_AT_STEPS"
 SPIKE_ENV = "MEGATRAIN_INJECT_SPIKE_AT_STEPS"
+RAISE_ENV = "MEGATRAIN_INJECT_RAISE"
 
 
 def _steps(text: str) -> set[int]:
@@ -52,6 +58,35 @@ class LossInjector(Callback):
         self.micro_batches = 0
 
 
+class InjectedFault(RuntimeError):
+    """The exception `RaiseInjector` raises."""
+
+
+class RaiseInjector(Callback):
+    """Raise `InjectedFault` on `rank` in the first training forward of `step`; with `once`, only
+    if RUN_DIR/faults/ has no mark of an earlier time (the mark is written first)."""
+
+    def __init__(self, rank: int, step: int, once: bool):
+        self.rank, self.step, self.once = rank, step, once
+
+    def on_start(self, trainer) -> None:
+        if trainer.rank != self.rank:
+            return
+        mark = trainer.cfg.run_dir / "faults" / f"raised-rank{self.rank}-step{self.step}"
+
+        def hook(module, args):
+            if not module.training or trainer.step + 1 != self.step:
+                return
+            if self.once:
+                if mark.exists():
+                    return
+                mark.parent.mkdir(exist_ok=True)
+                mark.touch()
+            raise InjectedFault(f"injected fault: rank {self.rank}, step {self.step}")
+
+        trainer.engine.module.register_forward_pre_hook(hook)
+
+
 def from_environ(environ: Mapping[str, str] = os.environ) -> list[Callback]:
     """The injectors the environment asks for (none in a normal run)."""
     injectors: list[Callback] = []
@@ -59,4 +94,7 @@ def from_environ(environ: Mapping[str, str] = os.environ) -> list[Callback]:
         injectors.append(LossInjector(_steps(environ[NAN_ENV]), float("nan"), ranks={0}))
     if environ.get(SPIKE_ENV):
         injectors.append(LossInjector(_steps(environ[SPIKE_ENV]), 100.0))
+    if environ.get(RAISE_ENV):
+        rank, step, *once = environ[RAISE_ENV].split(":")
+        injectors.append(RaiseInjector(int(rank), int(step), once == ["once"]))
     return injectors

@@ -21,7 +21,7 @@ import yaml
 
 from megatrain import carbon
 from megatrain.errors import MegatrainError
-from megatrain.sinks import human_energy, human_mass
+from megatrain.sinks import EventLog, human_energy, human_mass
 
 
 class ReportError(MegatrainError):
@@ -55,15 +55,9 @@ def read_run_info(run_dir: Path) -> dict:
             "config": {k: v for k, v in data.items() if k != "resolved"},
             **(data.get("resolved") or {}),
         }
-    events = run_dir / "events.jsonl"
-    if events.is_file():
-        for line in events.read_text().splitlines():
-            try:
-                event = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if event.get("event") == "run_start":
-                info = event
+    for event in EventLog(run_dir).read():
+        if event.get("event") == "run_start":
+            info = event
     return info
 
 

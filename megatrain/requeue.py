@@ -8,6 +8,12 @@ A training job on Jean Zay lives 20 hours at most; a run lives weeks. The chain 
       -> `train_job()`: rank 0 runs `scontrol requeue $SLURM_JOB_ID`, within `run.max_restarts`
       -> Slurm restarts the same job (same id, SLURM_RESTART_COUNT + 1); it resumes from the
          checkpoint.
+
+A crash ends a job too: a rank raises, is killed, or its watchdog stops it (megatrain/watchdog.py,
+exit 3); `srun --kill-on-bad-exit` then ends the others. The batch script outlives srun and runs
+`megatrain recover` (`recover()`), which requeues the job the same way when the run advanced (a
+checkpoint was saved since this job started) or when it is the first crash without progress; a
+second crash in a row without progress stops the chain, with the reason in events.jsonl.
 """
 
 from __future__ import annotations
@@ -110,6 +116,10 @@ def _requeue(cfg: Config, summary: dict, events: EventLog) -> bool:
         f"{cfg.run.max_restarts}); it resumes from step {summary['steps']}",
         flush=True,
     )
+    return _scontrol_requeue(job, events)
+
+
+def _scontrol_requeue(job: str, events: EventLog) -> bool:
     try:
         proc = subprocess.run(
             ["scontrol", "requeue", job], capture_output=True, text=True, timeout=120
@@ -122,3 +132,119 @@ def _requeue(cfg: Config, summary: dict, events: EventLog) -> bool:
         print(f"megatrain: scontrol requeue {job} failed: {error}", flush=True)
         return False
     return True
+
+
+# ----------------------------------------------------------------------------- after a crash
+
+
+def crash_decision(
+    progress: bool,
+    again_without_progress: bool,
+    restarts: int,
+    max_restarts: int,
+    job_state: str,
+) -> tuple[bool, str]:
+    """Whether to requeue a job whose ranks crashed, and why (pure: unit-tested). `progress`: a
+    checkpoint was saved since this job started; `again_without_progress`: the crash before
+    this one saved nothing either, and nothing was saved since."""
+    if job_state and job_state != "RUNNING":
+        return False, f"Slurm is ending the job (state {job_state}); rerun the same job to resume"
+    if restarts >= max_restarts:
+        return False, (
+            f"restart cap reached ({restarts} restarts, run.max_restarts={max_restarts}); "
+            "submit the job again to continue"
+        )
+    if not progress and again_without_progress:
+        return False, (
+            "crashed twice in a row without saving a checkpoint: a requeue would crash again; "
+            "fix the cause (the error in the job's output, RUN_DIR/hangs/ for a hang), then "
+            "submit the same job again to resume"
+        )
+    if progress:
+        return True, "crash after the run advanced"
+    return True, "first crash without progress: one more try"
+
+
+def crash_cause(exit_status: int, history: list[dict]) -> str:
+    """The crash in words, from srun's exit status and this job's events."""
+    if any(e.get("event") == "hang" for e in history):
+        return "the watchdog stopped a hung rank (stacks in RUN_DIR/hangs/)"
+    # the first error is the cause; the later ones, on other ranks, are its echoes
+    error = next((e for e in history if e.get("event") == "error"), None)
+    if error:
+        where = f"rank {error['rank']}, " if "rank" in error else ""
+        return f"{error['type']} ({where}after step {error['step']}): {error['message']}"[:300]
+    if exit_status > 128:
+        return f"a rank was killed (srun exit status {exit_status}: signal {exit_status - 128})"
+    return f"a rank failed (srun exit status {exit_status})"
+
+
+def assess_crash(history: list[dict], job: dict, exit_status: int) -> dict:
+    """The `crashed` record of Slurm job `job` ({"id", "restart"}) from the run's events so far
+    (pure: unit-tested). progress: a checkpoint was saved since this job's run_start (none if it
+    crashed before starting); again_without_progress: the crash before this one also saved
+    nothing, and nothing was saved since."""
+    start = max(
+        (
+            i
+            for i, e in enumerate(history)
+            if e.get("event") == "run_start" and e.get("slurm_job") == job
+        ),
+        default=len(history),
+    )
+    mine = history[start:]
+    saved = [e["step"] for e in mine if e.get("event") == "checkpoint"]
+    last_crash = max(
+        (i for i, e in enumerate(history) if e.get("event") == "crashed"), default=None
+    )
+    return {
+        "event": "crashed",
+        "job_id": job["id"],
+        "restart": job["restart"],
+        "exit_status": exit_status,
+        "cause": crash_cause(exit_status, mine),
+        "start_step": mine[0].get("start_step") if mine else None,
+        "checkpoint_step": saved[-1] if saved else None,
+        "progress": bool(saved),
+        "again_without_progress": not saved
+        and last_crash is not None
+        and not any(e.get("event") == "checkpoint" for e in history[last_crash:]),
+    }
+
+
+def recover(cfg: Config, exit_status: int, environ=os.environ) -> bool:
+    """Run by the batch script after srun ended with `exit_status` != 0: record a `crashed` event
+    and requeue the job when `crash_decision` says so. Returns whether it requeued."""
+    events = EventLog(cfg.run_dir, echo=lambda line: print(line, flush=True))
+    job = dist.slurm_job(environ)
+    if job is None:
+        print("megatrain recover: not a Slurm job; rerun the same command to resume", flush=True)
+        return False
+    record = events.write(assess_crash(events.read(), job, exit_status))
+    ok, reason = crash_decision(
+        record["progress"],
+        record["again_without_progress"],
+        job["restart"],
+        cfg.run.max_restarts,
+        _job_state(job["id"]),
+    )
+    if not ok:
+        events.write({"event": "requeue_skipped", "job_id": job["id"], "reason": reason})
+        print(f"megatrain: not requeueing Slurm job {job['id']}: {reason}", flush=True)
+        return False
+    events.write(
+        {
+            "event": "requeued",
+            "job_id": job["id"],
+            "cause": "crash",
+            "reason": reason,
+            "restart": job["restart"] + 1,
+            "max_restarts": cfg.run.max_restarts,
+        }
+    )
+    print(
+        f"megatrain: requeueing Slurm job {job['id']} after a crash ({record['cause']}; {reason}),"
+        f" restart {job['restart'] + 1} of at most {cfg.run.max_restarts}",
+        flush=True,
+    )
+    return _scontrol_requeue(job["id"], events)

@@ -88,6 +88,21 @@ class EventLog:
             self.echo(event_line(record))
         return record
 
+    def read(self) -> list[dict]:
+        """Every whole record, oldest first ([] without a file); a line cut short by a crash is
+        skipped."""
+        try:
+            lines = self.path.read_text(errors="replace").splitlines()
+        except FileNotFoundError:
+            return []
+        records = []
+        for line in lines:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return records
+
 
 def reachable(url: str, timeout: float = WANDB_PROBE_TIMEOUT_S) -> str | None:
     """None if an HTTP server answers at `url` within `timeout` s (any status), else why not.

@@ -5,19 +5,27 @@ slurm_parameters()   sbatch options from a cluster profile (one task per GPU, Qo
                      modules), the same flags slurm/pretrain.sh documents
 TrainJob             what every task runs: `megatrain.requeue.train_job`, which requeues the
                      job after a time-limit warning
+recover_lines()      the batch script's lines after srun: `megatrain recover` requeues a crashed
+                     job, as slurm/pretrain.sh does
 submit()             to Slurm, or to local processes where there is no Slurm
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
+import sys
+import traceback
+from dataclasses import asdict
 from pathlib import Path
 
 import submitit
+import yaml
 
 from megatrain.config import Config, ConfigError, load_cluster, load_config
 from megatrain.dist import job_port
+from megatrain.files import atomic_write_text
 from megatrain.shards import Manifest
 from megatrain.stop import catch_stop_signals
 
@@ -148,10 +156,32 @@ class TrainJob(submitit.helpers.Checkpointable):
             )
         from megatrain.requeue import train_job
 
-        summary, requeued = train_job(self.cfg)
+        try:
+            summary, requeued = train_job(self.cfg)
+        except BaseException:
+            if env.cluster != "slurm":
+                raise
+            # No error result for submitit to return: the batch script's `megatrain recover`
+            # (after srun) requeues the job, or ends it FAILED with this traceback in its stderr.
+            traceback.print_exc()
+            sys.stderr.flush()
+            os._exit(1)
         if requeued:  # no result file: the caller's job.results() waits for the resumed job
             os._exit(0)
         return summary
+
+
+def recover_lines(config_file: Path) -> list[str]:
+    """Batch-script lines after srun: after a crash, `megatrain recover` requeues the job or says
+    why not (megatrain/requeue.py), as slurm/pretrain.sh does; the job keeps srun's status."""
+    python, config = shlex.quote(sys.executable), shlex.quote(str(config_file))
+    return [
+        "megatrain_status=$?",
+        'if [ "$megatrain_status" -ne 0 ]; then',
+        f"  {python} -u -m megatrain.cli recover {config} --exit-status $megatrain_status",
+        "fi",
+        "exit $megatrain_status",
+    ]
 
 
 def prepare(config, overrides=(), cluster: str | None = None):
@@ -197,6 +227,10 @@ def submit(
     kind = executor if executor != "auto" else ("slurm" if shutil.which("sbatch") else "local")
     folder = Path(folder or cfg.run_dir / "submitit")
     if kind == "slurm":
+        # the run's config as loaded, for `megatrain recover` in the batch script
+        config_file = folder / "config.yaml"
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(config_file, yaml.safe_dump(asdict(cfg), sort_keys=False))
         ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=cfg.run.max_restarts)
         ex.update_parameters(
             **slurm_parameters(
@@ -207,7 +241,8 @@ def submit(
                 qos=qos,
                 account=account,
                 job_name=cfg.run.name,
-            )
+            ),
+            teardown=recover_lines(config_file),
         )
     elif kind == "local":
         if nodes != 1:

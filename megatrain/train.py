@@ -55,7 +55,7 @@ from megatrain.parallel import (
 from megatrain.plan import plan_run
 from megatrain.resume import check_resume, data_identity, resume_event
 from megatrain.shards import Dataset
-from megatrain.sinks import MetricsLogger
+from megatrain.sinks import EventLog, MetricsLogger
 from megatrain.stop import StopRequest
 from megatrain.watchdog import Watchdog
 
@@ -466,7 +466,12 @@ class Trainer:
         except BaseException as e:
             error = e
             message = {"type": type(e).__name__, "message": str(e), "step": self.step}
-            self.logger.event({"event": "error", **message})
+            # every rank's error: the first one is the cause, the others its echoes (a peer gone)
+            record = {"event": "error", "rank": self.rank, **message}
+            if self.rank == 0:
+                self.logger.event(record)
+            elif not isinstance(e, (KeyboardInterrupt, SystemExit)):
+                EventLog(self.cfg.run_dir).write(record, echo=False)
             raise
         finally:
             self.watchdog.stop()
@@ -584,6 +589,7 @@ class Trainer:
                 "config": asdict(cfg),
                 **self.resolved,
                 "start_step": self.step,
+                "slurm_job": dist.slurm_job(),  # which job of a requeued chain this is
                 "tokens_per_step": layout.tokens_per_step,
                 "accelerator": self.accel.name,
                 "peak_flops": self.peak_flops,

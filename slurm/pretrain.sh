@@ -26,6 +26,9 @@
 # saves a checkpoint, requeues itself (`scontrol requeue`: same job id, SLURM_RESTART_COUNT+1)
 # and stops; the requeued job resumes from that checkpoint with the losses an uninterrupted
 # run would have had. A run of many 20-hour jobs needs nobody, up to `run.max_restarts`.
+# A crash (a rank's error or death, a hang the watchdog stops) requeues the job the same way when
+# the run saved a checkpoint since the job started (`megatrain recover` below); two crashes in a
+# row without a new checkpoint stop the chain with the reason.
 # Follow it with:
 #   squeue -u $USER                         pending / running
 #   tail -f megatrain-<jobid>.out           every job of the run appends to the same file
@@ -105,9 +108,16 @@ echo "$(date -Is) job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLUR
 # list (`scontrol show hostnames $SLURM_JOB_NODELIST | head -1`), MASTER_PORT = 10000 + job id
 # % 20000, so no two jobs sharing a node collide. Export MASTER_ADDR/MASTER_PORT to override.
 # --kill-on-bad-exit: if one rank crashes, stop the others instead of leaving them waiting in a
-# collective until a timeout.
+# collective until a timeout (a rank that hangs stops itself: run.hang_timeout_s, exit 3).
 status=0
 srun --kill-on-bad-exit=1 python -u -m megatrain.cli train "$CONFIG" "wandb.mode=$WANDB_MODE" "$@" || status=$?
-# After a requeue Slurm kills this job before it gets here; the requeued job starts from the top.
+# After a time-limit requeue Slurm kills this job before it gets here; the requeued job starts
+# from the top.
 echo "$(date -Is) job $SLURM_JOB_ID: srun exited with status $status"
+# After a crash (a rank's error, a killed rank, a hang): requeue the job if the run saved a
+# checkpoint since this job started, or once if not; a second crash in a row without progress,
+# or run.max_restarts, stops the chain (the reason is in RUN_DIR/events.jsonl and below).
+if [ "$status" -ne 0 ]; then
+  python -u -m megatrain.cli recover "$CONFIG" "$@" --exit-status "$status" || true
+fi
 exit $status

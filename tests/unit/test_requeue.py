@@ -74,3 +74,58 @@ def test_a_rank_of_the_launcher_leaves_the_second_ctrl_c_to_it(stop_state, monke
     os.kill(os.getpid(), signal.SIGINT)
     os.kill(os.getpid(), signal.SIGINT)
     assert request.signal == "SIGINT"
+
+
+@pytest.mark.parametrize(
+    "progress, again, restarts, cap, state, ok, why",
+    [
+        (True, False, 0, 100, "RUNNING", True, "after the run advanced"),
+        (False, False, 0, 100, "RUNNING", True, "one more try"),
+        (False, True, 1, 100, "RUNNING", False, "crashed twice in a row"),
+        (True, True, 1, 100, "RUNNING", True, "after the run advanced"),
+        (True, False, 5, 5, "RUNNING", False, "restart cap reached"),
+        (True, False, 0, 100, "CANCELLED", False, "state CANCELLED"),  # scancel stays a cancel
+    ],
+)
+def test_crash_decision(progress, again, restarts, cap, state, ok, why):
+    decision, reason = requeue.crash_decision(progress, again, restarts, cap, state)
+    assert decision is ok and why in reason
+
+
+JOB0, JOB1, JOB2 = ({"id": "7", "restart": r} for r in range(3))
+
+
+def start(job, step):
+    return {"event": "run_start", "slurm_job": job, "start_step": step}
+
+
+def test_assess_crash_progress_is_a_checkpoint_saved_by_this_job():
+    saved_earlier = [start(JOB0, 0), {"event": "checkpoint", "step": 5}, start(JOB1, 5)]
+    assert not requeue.assess_crash(saved_earlier, JOB1, 1)["progress"]
+    saved_now = [*saved_earlier, {"event": "checkpoint", "step": 10}]
+    crash = requeue.assess_crash(saved_now, JOB1, 1)
+    assert crash["progress"] and crash["start_step"] == 5 and crash["checkpoint_step"] == 10
+    # a job that died before its run_start saved nothing
+    assert not requeue.assess_crash(saved_now, JOB2, 1)["progress"]
+
+
+def test_assess_crash_counts_crashes_in_a_row_without_progress():
+    first = requeue.assess_crash([start(JOB0, 0)], JOB0, 1)
+    assert not first["progress"] and not first["again_without_progress"]
+    history = [start(JOB0, 0), first, start(JOB1, 0)]
+    assert requeue.assess_crash(history, JOB1, 1)["again_without_progress"]
+    # a checkpoint between the two crashes: the run went on, this is a new streak
+    history = [start(JOB0, 0), first, start(JOB1, 0), {"event": "checkpoint", "step": 5}]
+    second = requeue.assess_crash(history, JOB1, 1)
+    assert second["progress"] and not second["again_without_progress"]
+
+
+def test_crash_cause_names_the_hang_the_error_or_the_signal():
+    hang = [{"event": "hang", "rank": 0}]
+    assert "watchdog" in requeue.crash_cause(3, hang)
+    error = [{"event": "error", "type": "InjectedFault", "message": "boom", "step": 12}]
+    assert requeue.crash_cause(1, error) == "InjectedFault (after step 12): boom"
+    echo = {"event": "error", "type": "RuntimeError", "message": "peer gone", "step": 12}
+    ranked = [{**error[0], "rank": 1}, echo]
+    assert requeue.crash_cause(1, ranked) == "InjectedFault (rank 1, after step 12): boom"
+    assert "signal 9" in requeue.crash_cause(137, [])
