@@ -53,7 +53,17 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from megatrain.checkpoint import MANIFEST, tag_for  # noqa: E402
-from tests.helpers import corpus_sample, losses, read_jsonl  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    alive,
+    all_pids,
+    cmdline,
+    corpus_sample,
+    environ,
+    kill,
+    losses,
+    proc_stat,
+    read_jsonl,
+)
 
 MAX_STEPS = 30
 CKPT_EVERY = 5
@@ -77,49 +87,6 @@ TRAIN = [
 
 
 # ----------------------------------------------------------------------------- processes
-
-
-def _stat(pid: int) -> tuple[str, int] | None:
-    """(state, parent pid) of a process, None once it is gone."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = text[text.rindex(")") + 2 :].split()  # the command name may hold spaces
-    return fields[0], int(fields[1])
-
-
-def alive(pid: int) -> bool:
-    stat = _stat(pid)
-    return stat is not None and stat[0] not in ("Z", "X")  # a zombie has exited
-
-
-def cmdline(pid: int) -> str:
-    try:
-        return (
-            Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        )
-    except OSError:
-        return ""
-
-
-def environ(pid: int) -> dict[str, str]:
-    try:
-        raw = Path(f"/proc/{pid}/environ").read_bytes()
-    except OSError:
-        return {}
-    return dict(x.split("=", 1) for x in raw.decode(errors="replace").split("\0") if "=" in x)
-
-
-def kill(pid: int, sig: signal.Signals) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass  # gone already
-
-
-def all_pids() -> list[int]:
-    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
 
 
 class Run:
@@ -156,7 +123,7 @@ class Run:
         parents: dict[int, list[int]] = {}
         live = set()
         for pid in all_pids():
-            stat = _stat(pid)
+            stat = proc_stat(pid)
             if stat is None or stat[0] in ("Z", "X"):
                 continue
             parents.setdefault(stat[1], []).append(pid)
@@ -671,11 +638,69 @@ def parse_args(argv=None):
     p.add_argument("--wait-s", type=float, default=60, help="longest wait for processes to go")
     p.add_argument("--run-timeout", type=float, default=300, help="longest a training may take")
     p.add_argument("--work", type=Path, help="keep every run here (default: a temporary dir)")
+    p.add_argument(
+        "--slurm",
+        action="store_true",
+        help="the crash and hang faults of a 2-node Slurm job on the local test cluster "
+        "(tests/cluster/faults.py; needs root), instead of the local ones",
+    )
     return p.parse_args(argv)
+
+
+def _spread(rows: list[dict], key: str) -> dict | None:
+    values = [r[key] for r in rows if r[key] is not None]
+    return {"median": statistics.median(values), "max": max(values)} if values else None
+
+
+def main_slurm(args, work: Path) -> None:
+    """The Slurm faults (tests/cluster/faults.py) on the local test cluster, started here if
+    needed (root): one JSON row per fault, spread over the tries."""
+    from tests.cluster.conftest import SCRIPT as LOCAL_SLURM
+    from tests.cluster.conftest import SlurmCluster
+    from tests.cluster.faults import FAULTS as SLURM_FAULTS
+    from tests.cluster.faults import reference_losses, run_fault
+
+    names = [n for n in args.only.split(",") if n] or list(SLURM_FAULTS)
+    unknown = sorted(set(names) - set(SLURM_FAULTS))
+    if unknown:
+        raise SystemExit(f"unknown faults {unknown}; choose among {', '.join(SLURM_FAULTS)}")
+    started = subprocess.run([str(LOCAL_SLURM), "start"], capture_output=True, text=True)
+    if started.returncode != 0:
+        raise SystemExit(f"no local Slurm cluster: {started.stderr.strip() or started.stdout}")
+    cluster = SlurmCluster()
+    data = prepare(work)
+    reference = reference_losses(cluster, data, work / "reference")
+    for name in names:
+        if name == "link_down" and cluster.network != "netns":
+            print(json.dumps({"fault": name, "skipped": cluster.network_reason}), flush=True)
+            continue
+        rows = []
+        for i in range(args.tries):
+            d = work / name / f"try{i}"
+            shutil.rmtree(d, ignore_errors=True)
+            d.mkdir(parents=True)
+            rows.append(run_fault(cluster, name, data, d, reference).row())
+
+        summary = {
+            "fault": name,
+            "tries": len(rows),
+            "network": cluster.network,
+            "final_state": sorted({r["final_state"] for r in rows}),
+            "seconds_until_all_gone": _spread(rows, "seconds_until_all_gone"),
+            "seconds_until_resumed": _spread(rows, "seconds_until_resumed"),
+            "steps_lost": _spread(rows, "steps_lost"),
+            "resumed_bit_identical": [r["resumed_bit_identical"] for r in rows],
+            "notes": [n[:300] for r in rows for n in r["notes"]],
+        }
+        print(json.dumps(summary), flush=True)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.slurm:
+        with tempfile.TemporaryDirectory(prefix="megatrain-faults-") as tmp:
+            main_slurm(args, args.work or Path(tmp))
+        return
     names = [n for n in args.only.split(",") if n] or list(FAULTS)
     unknown = sorted(set(names) - set(FAULTS))
     if unknown:

@@ -6,6 +6,7 @@ import gzip
 import json
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -250,3 +251,50 @@ def output_bytes(out: Path) -> dict[str, bytes]:
 def prep_summaries(output: str) -> int:
     """How many times `megatrain prep`'s closing line ("prep: N documents in, ...") appears."""
     return output.count(" documents in, ")
+
+
+# ----------------------------------------------------------------------------- processes
+# read through /proc (Linux): the fault benchmarks and tests find and signal real ranks
+
+
+def proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state, parent pid) of a process, None once it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2 :].split()  # the command name may hold spaces
+    return fields[0], int(fields[1])
+
+
+def alive(pid: int) -> bool:
+    stat = proc_stat(pid)
+    return stat is not None and stat[0] not in ("Z", "X")  # a zombie has exited
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return (
+            Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        )
+    except OSError:
+        return ""
+
+
+def environ(pid: int) -> dict[str, str]:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    return dict(x.split("=", 1) for x in raw.decode(errors="replace").split("\0") if "=" in x)
+
+
+def kill(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass  # gone already
+
+
+def all_pids() -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
