@@ -230,6 +230,13 @@ class RunConfig:
     collective_timeout_s: float = 1800
     """Seconds a collective (NCCL, gloo) waits for its peers before it fails with an error (a
     dead peer also surfaces at once as an NCCL error: TORCH_NCCL_ASYNC_ERROR_HANDLING=1)."""
+    straggler_factor: float = 1.5
+    """A rank whose forward time over a log interval is at least this many times the median of all
+    ranks' is slow that interval (metrics: `slowest_rank`, `slowest_rank_ratio`); above 1, or 0:
+    no straggler events. With 2 ranks the ratio stays below 2."""
+    straggler_intervals: int = 3
+    """Log intervals in a row a rank must be slow before rank 0 logs one `straggler` event naming
+    it (and as many below the factor before `straggler_recovered`)."""
 
 
 @dataclass
@@ -370,6 +377,8 @@ RANGES: dict[type, dict[str, Range]] = {
         "max_restarts": AT_LEAST_0,
         **dict.fromkeys(["hang_timeout_s", "hang_slow_s"], AT_LEAST_0),
         **dict.fromkeys(["hang_factor", "collective_timeout_s"], AT_LEAST_1),
+        "straggler_factor": AT_LEAST_0,
+        "straggler_intervals": AT_LEAST_1,
     },
     GuardConfig: {
         "spike_window": AT_LEAST_1,
@@ -560,6 +569,12 @@ def validate(cfg: Config) -> None:
                 + (f"; did you mean '{hint[0]}'?" if hint else "")
                 + f" (allowed: {', '.join(RESUMABLE_CHANGES)})"
             )
+    if 0 < cfg.run.straggler_factor <= 1:
+        # the slowest rank's ratio to the median is never below 1: every interval would be slow
+        raise ConfigError(
+            f"'run.straggler_factor' ({cfg.run.straggler_factor:g}) must be above 1 "
+            "(e.g. 1.5), or 0 to turn straggler events off"
+        )
     if cfg.optim.min_lr > cfg.optim.lr:
         raise ConfigError(
             f"'optim.min_lr' ({cfg.optim.min_lr}) is above 'optim.lr' ({cfg.optim.lr})"

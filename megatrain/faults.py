@@ -6,6 +6,8 @@ Set in the environment of the training processes (the tests start real ones):
                                            as bad data would be until skipped)
     MEGATRAIN_INJECT_SPIKE_AT_STEPS=25     every rank's loss is multiplied by 100 at these steps
                                            (once each): a loss spike
+    MEGATRAIN_INJECT_SLOW_RANK=1:0.2       rank 1 sleeps 0.2 s in each training forward (every
+                                           micro-batch): a straggler
     MEGATRAIN_INJECT_RAISE=1:12            rank 1 raises InjectedFault in the forward of step 12,
                                            each time it gets there (a crash that comes back)
     MEGATRAIN_INJECT_RAISE=1:12:once       the same, once per run directory: the first time
@@ -14,17 +16,20 @@ Set in the environment of the training processes (the tests start real ones):
 
 The loss is changed where the model returns it (a forward hook on the last micro-batch of the
 step), so gradients, the guard, metrics and checkpoints see exactly what a real fault would give.
+The slow rank sleeps in a forward pre-hook, inside the time megatrain/stragglers.py measures.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Mapping
 
 from megatrain.callbacks import Callback
 
 NAN_ENV = "MEGATRAIN_INJECT_NAN_AT_STEPS"
 SPIKE_ENV = "MEGATRAIN_INJECT_SPIKE_AT_STEPS"
+SLOW_ENV = "MEGATRAIN_INJECT_SLOW_RANK"
 RAISE_ENV = "MEGATRAIN_INJECT_RAISE"
 
 
@@ -56,6 +61,31 @@ class LossInjector(Callback):
 
     def on_step_end(self, trainer, loss, skipped) -> None:
         self.micro_batches = 0
+
+
+class SlowRank(Callback):
+    """Rank `rank` sleeps `seconds` before each training forward (validation is left alone)."""
+
+    def __init__(self, rank: int, seconds: float):
+        self.rank, self.seconds = rank, seconds
+
+    def on_start(self, trainer) -> None:
+        if trainer.rank != self.rank:
+            return
+
+        def hook(module, args):
+            if module.training:
+                time.sleep(self.seconds)
+
+        trainer.engine.module.register_forward_pre_hook(hook)
+
+
+def _slow_rank(text: str) -> SlowRank:
+    rank, _, seconds = text.partition(":")
+    try:
+        return SlowRank(int(rank), float(seconds))
+    except ValueError:
+        raise ValueError(f"{SLOW_ENV}={text!r}: expected RANK:SECONDS, e.g. 1:0.2") from None
 
 
 class InjectedFault(RuntimeError):
@@ -94,6 +124,8 @@ def from_environ(environ: Mapping[str, str] = os.environ) -> list[Callback]:
         injectors.append(LossInjector(_steps(environ[NAN_ENV]), float("nan"), ranks={0}))
     if environ.get(SPIKE_ENV):
         injectors.append(LossInjector(_steps(environ[SPIKE_ENV]), 100.0))
+    if environ.get(SLOW_ENV):
+        injectors.append(_slow_rank(environ[SLOW_ENV]))
     if environ.get(RAISE_ENV):
         rank, step, *once = environ[RAISE_ENV].split(":")
         injectors.append(RaiseInjector(int(rank), int(step), once == ["once"]))

@@ -57,6 +57,7 @@ from megatrain.resume import check_resume, data_identity, resume_event
 from megatrain.shards import Dataset
 from megatrain.sinks import EventLog, MetricsLogger
 from megatrain.stop import StopRequest
+from megatrain.stragglers import StragglerMonitor
 from megatrain.watchdog import Watchdog
 
 
@@ -337,6 +338,12 @@ class Trainer:
             max_steps=plan.max_steps,
             first_step=self.step,
         )
+        self.stragglers = StragglerMonitor(
+            cfg.run.straggler_factor,
+            cfg.run.straggler_intervals,
+            self.device,
+            log=self.logger.event if self.rank == 0 else None,
+        )
         self.guard = StabilityGuard(cfg.guard)
         val_samples = cfg.run.eval_batches * layout.micro_batch * plan.dp_size
         val = validation_batches(
@@ -365,7 +372,7 @@ class Trainer:
     def train_step(self) -> Step:
         """Forward/backward over this rank's micro-batches and one optimizer step; what happened,
         agreed by all ranks."""
-        engine, metrics = self.engine, self.metrics
+        engine, metrics, stragglers = self.engine, self.metrics, self.stragglers
         lr = lr_at(self.step, self.cfg.optim, self.plan.max_steps)
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
@@ -375,7 +382,9 @@ class Trainer:
         skipped_before = self._updates_skipped()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for i, b in enumerate(batches):
+            stragglers.begin_forward()  # each rank's own work: the backward waits for the others
             loss = engine(b.inputs, b.targets)
+            stragglers.end_forward()
             engine.backward(loss)
             loss_sum += loss.detach()  # stays on the device: one host sync per step, below
             if i == len(batches) - 1:
@@ -522,6 +531,7 @@ class Trainer:
             rollbacks=self.guard.rollbacks,
             param_mem_gb=max(self.param_gb_per_rank),
         )
+        record.update(self.stragglers.collect(self.step))
         if self.cfg.precision == "fp16":
             record["loss_scale"] = self._loss_scale()
         if evaluate:

@@ -49,6 +49,9 @@ def zero_runs(tiny_dataset, tmp_path_factory):
     for name, extra in variants.items():
         run_train(TINY, base(tiny_dataset, root / name, **extra))
         assert not events(root / name, "hang")  # the automatic watchdog timeout never fired
+        # no rank is slowed: every record names a slowest rank, and no straggler is reported
+        assert all(r["slowest_rank"] in (0, 1) for r in read_jsonl(root / name / "metrics.jsonl"))
+        assert not events(root / name, "straggler")
         out[name] = losses(root / name)
     return out
 

@@ -26,6 +26,7 @@ OUT_OF_RANGE = [
     ("model.d_model=0", "'model.d_model' = 0: must be >= 1"),
     ("parallel.tensor=0", "'parallel.tensor' = 0: must be >= 1"),
     ("guard.spike_window=0", "'guard.spike_window' = 0: must be >= 1"),
+    ("run.straggler_intervals=0", "'run.straggler_intervals' = 0: must be >= 1"),
     ("data.prefetch=0", "'data.prefetch' = 0: must be >= 1"),
     ("data.seq_len=1", "'data.seq_len' = 1: must be >= 2"),
     # counts where 0 means "none", "derive it" or "all": at least 0
@@ -58,6 +59,7 @@ OUT_OF_RANGE = [
     ("optim.weight_decay=-0.1", "'optim.weight_decay' = -0.1: must be a finite number >= 0"),
     ("optim.clip=-1", "'optim.clip' = -1.0: must be a finite number >= 0"),
     ("guard.spike_zscore=-1", "'guard.spike_zscore' = -1.0: must be a finite number >= 0"),
+    ("run.straggler_factor=-1", "'run.straggler_factor' = -1.0: must be a finite number >= 0"),
     # fractions in [0, 1)
     ("model.dropout=2", "'model.dropout' = 2.0: must be a finite number in [0, 1)"),
     ("model.dropout=-0.1", "'model.dropout' = -0.1: must be a finite number in [0, 1)"),
