@@ -136,19 +136,29 @@ def _scontrol_requeue(job: str, events: EventLog) -> bool:
 
 # ----------------------------------------------------------------------------- after a crash
 
+NAMED_ERROR_EXIT = 2  # `megatrain train` exits 2 on a MegatrainError: a mistake named on one line
+
 
 def crash_decision(
+    exit_status: int,
     progress: bool,
     again_without_progress: bool,
     restarts: int,
     max_restarts: int,
     job_state: str,
 ) -> tuple[bool, str]:
-    """Whether to requeue a job whose ranks crashed, and why (pure: unit-tested). `progress`: a
-    checkpoint was saved since this job started; `again_without_progress`: the crash before
-    this one saved nothing either, and nothing was saved since."""
+    """Whether to requeue a job whose srun ended with `exit_status`, and why (pure:
+    unit-tested). `progress`: a checkpoint was saved since this job started;
+    `again_without_progress`: the crash before this one saved nothing either, and nothing was
+    saved since."""
     if job_state and job_state != "RUNNING":
         return False, f"Slurm is ending the job (state {job_state}); rerun the same job to resume"
+    if exit_status == NAMED_ERROR_EXIT:
+        return False, (
+            "a named error (exit 2: a bad config, data or checkpoint, a full disk, a diverged "
+            "run) would come back after a requeue; fix what the job's output says, then submit "
+            "the same job again"
+        )
     if restarts >= max_restarts:
         return False, (
             f"restart cap reached ({restarts} restarts, run.max_restarts={max_restarts}); "
@@ -222,6 +232,7 @@ def recover(cfg: Config, exit_status: int, environ=os.environ) -> bool:
         return False
     record = events.write(assess_crash(events.read(), job, exit_status))
     ok, reason = crash_decision(
+        exit_status,
         record["progress"],
         record["again_without_progress"],
         job["restart"],

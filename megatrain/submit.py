@@ -25,6 +25,7 @@ import yaml
 
 from megatrain.config import Config, ConfigError, load_cluster, load_config
 from megatrain.dist import job_port
+from megatrain.errors import MegatrainError
 from megatrain.files import atomic_write_text
 from megatrain.shards import Manifest
 from megatrain.stop import catch_stop_signals
@@ -158,14 +159,19 @@ class TrainJob(submitit.helpers.Checkpointable):
 
         try:
             summary, requeued = train_job(self.cfg)
-        except BaseException:
+        except BaseException as e:
             if env.cluster != "slurm":
                 raise
-            # No error result for submitit to return: the batch script's `megatrain recover`
-            # (after srun) requeues the job, or ends it FAILED with this traceback in its stderr.
             traceback.print_exc()
+            if isinstance(e, MegatrainError):
+                # a named error would come back after a requeue: the caller gets it now, and the
+                # exit status tells `megatrain recover` not to requeue (as the CLI's exit 2 does)
+                with submitit.core.utils.temporary_save_path(env.paths.result_pickle) as tmp:
+                    submitit.core.utils.cloudpickle_dump(("error", traceback.format_exc()), tmp)
+            # Otherwise no result: the batch script's `megatrain recover` (after srun) requeues
+            # the job, or ends it FAILED with this traceback in its stderr.
             sys.stderr.flush()
-            os._exit(1)
+            os._exit(2 if isinstance(e, MegatrainError) else 1)
         if requeued:  # no result file: the caller's job.results() waits for the resumed job
             os._exit(0)
         return summary

@@ -12,7 +12,7 @@ import submitit
 
 from megatrain import submit
 from tests.cluster.training import CONFIG, STEPS, lifecycle_events, overrides, wait_for_step
-from tests.helpers import losses
+from tests.helpers import events, losses
 
 
 @pytest.mark.timeout(300)
@@ -75,3 +75,28 @@ def test_submitit_job_error_surfaces_to_the_caller(slurm_cluster, tiny_dataset, 
         submitit.core.utils.FailedJobError, match="'model.vocab_size' \\(100\\) is smaller"
     ):
         job.results()
+
+
+@pytest.mark.timeout(400)
+def test_submitit_job_requeues_after_a_crash_and_results_reach_the_caller(
+    slurm_cluster, reference_run, tiny_dataset, tmp_path, monkeypatch
+):
+    run = tmp_path / "run"
+    monkeypatch.setenv("MEGATRAIN_INJECT_RAISE", "1:13:once")  # sbatch passes it to the tasks
+    job = submit.submit(
+        CONFIG,
+        overrides(tiny_dataset, run, "run.ckpt_every=5"),
+        cluster="local",
+        nodes=1,
+        tasks_per_node=2,
+        time_min=10,
+        executor="slurm",
+    )
+    assert "megatrain.cli recover" in job.paths.submission_file.read_text()
+    summaries = job.results()  # no error result from the crashed job: it waits for the requeue
+    assert [s["steps"] for s in summaries] == [STEPS, STEPS], summaries
+    crashed = events(run, "crashed")
+    assert len(crashed) == 1 and "InjectedFault (rank 1" in crashed[0]["cause"], crashed
+    assert events(run, "resumed")[0]["step"] == 10
+    assert slurm_cluster.job_info(job.job_id).get("Restarts") == "1"
+    assert losses(run) == losses(reference_run[1])

@@ -77,18 +77,19 @@ def test_a_rank_of_the_launcher_leaves_the_second_ctrl_c_to_it(stop_state, monke
 
 
 @pytest.mark.parametrize(
-    "progress, again, restarts, cap, state, ok, why",
+    "status, progress, again, restarts, cap, state, ok, why",
     [
-        (True, False, 0, 100, "RUNNING", True, "after the run advanced"),
-        (False, False, 0, 100, "RUNNING", True, "one more try"),
-        (False, True, 1, 100, "RUNNING", False, "crashed twice in a row"),
-        (True, True, 1, 100, "RUNNING", True, "after the run advanced"),
-        (True, False, 5, 5, "RUNNING", False, "restart cap reached"),
-        (True, False, 0, 100, "CANCELLED", False, "state CANCELLED"),  # scancel stays a cancel
+        (1, True, False, 0, 100, "RUNNING", True, "after the run advanced"),
+        (137, False, False, 0, 100, "RUNNING", True, "one more try"),
+        (3, False, True, 1, 100, "RUNNING", False, "crashed twice in a row"),
+        (1, True, True, 1, 100, "RUNNING", True, "after the run advanced"),
+        (1, True, False, 5, 5, "RUNNING", False, "restart cap reached"),
+        (1, True, False, 0, 100, "CANCELLED", False, "state CANCELLED"),  # scancel stays a cancel
+        (2, True, False, 0, 100, "RUNNING", False, "a named error"),  # it would come back
     ],
 )
-def test_crash_decision(progress, again, restarts, cap, state, ok, why):
-    decision, reason = requeue.crash_decision(progress, again, restarts, cap, state)
+def test_crash_decision(status, progress, again, restarts, cap, state, ok, why):
+    decision, reason = requeue.crash_decision(status, progress, again, restarts, cap, state)
     assert decision is ok and why in reason
 
 
