@@ -147,6 +147,8 @@ resolve_net() {  # sets MODE (netns|loopback) and NET_WHY from the LOCAL_SLURM_N
     netns|auto)
       if why=$(net_probe); then
         MODE=netns NET_WHY="LOCAL_SLURM_NET=$NET"
+        # interface names have at most 15 characters: mt-slurm-node99
+        [ "$NODES" -le 99 ] || die "LOCAL_SLURM_NODES=$NODES: the netns network has room for 99"
         subnet_free
       elif [ "$NET" = netns ]; then
         die "LOCAL_SLURM_NET=netns, but this machine cannot create network namespaces: $why"
