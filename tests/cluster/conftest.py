@@ -99,7 +99,9 @@ class SlurmCluster:
     def set_link(self, node: str, up: bool) -> None:
         """Cut (``up=False``) or restore a node's link: its veth end on the bridge goes down/up.
         The node keeps its address and routes; what it sends or is sent is dropped meanwhile.
-        Slurm marks it DOWN after SlurmdTimeout (30 s) without an answer."""
+        Slurm marks it DOWN after SlurmdTimeout (30 s) without an answer, and then asks it to
+        register only every ~20 pings (up to ~200 s); ``scontrol update nodename=NODE
+        state=resume``, as an admin would, brings it back within a second of the link's return."""
         self.require_netns()
         _run(str(SCRIPT), "link", node, "up" if up else "down")
 

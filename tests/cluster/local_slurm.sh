@@ -27,7 +27,11 @@
 # `link NODE down` sets the root-namespace end of the node's veth down: the node keeps its
 # address and routes (as after a pulled cable or a dead switch port), its packets are dropped
 # on the bridge, so peers see silence (timeouts), not an error; `up` restores it exactly.
-# Setting eth0 inside the namespace down instead would delete the node's routes.
+# Setting eth0 inside the namespace down instead would delete the node's routes. A cut longer
+# than SlurmdTimeout (30 s) leaves the node DOWN until slurmctld asks it to register (every ~20
+# pings: up to ~200 s) or `scontrol update nodename=NODE state=resume` (1 s). Measured: with no
+# timeout of its own, a connect to a cut node fails (EHOSTUNREACH) after ~3 s, or ~39 s when the
+# peer's ARP entry was fresh; an established connection just retransmits (tcp_retries2: ~15 min).
 #
 # Needs root (daemons, /etc/slurm, /etc/hosts, namespaces) and, the first time, apt-get.
 # Works without systemd and without cgroups (CI containers): daemons are started by hand.
@@ -509,8 +513,13 @@ cmd_link() {  # link NODE down|up: the node's veth end on the bridge (why that e
   [ "$state" = up ] || [ "$state" = down ] || die "usage: $0 link NODE down|up"
   [ "$(id -u)" = 0 ] || die "link needs root"
   [ "$(running_mode)" = netns ] || die "link needs the netns network; this cluster's is: $(running_mode)"
-  ip link show dev "$NS_PREFIX$node" >/dev/null 2>&1 || die "no node '$node' (nodes: $(node_names))"
-  ip link set dev "$NS_PREFIX$node" "$state"
+  # The veth ends are where start made them, with slurmctld: from inside a node (a job), go there.
+  local ip=(ip) ctl
+  if ! ip link show dev "$NS_PREFIX$node" >/dev/null 2>&1 && ctl=$(alive "$RUN/slurmctld.pid" slurmctld); then
+    ip=(nsenter --net="/proc/$ctl/ns/net" ip)
+  fi
+  "${ip[@]}" link show dev "$NS_PREFIX$node" >/dev/null 2>&1 || die "no node '$node' (nodes: $(node_names))"
+  "${ip[@]}" link set dev "$NS_PREFIX$node" "$state"
   log "$node: link $state"
 }
 
