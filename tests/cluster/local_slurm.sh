@@ -472,6 +472,14 @@ cmd_start() {
     sinfo -N -l >&2 || true; tail -n 20 "$LOGS/slurmctld.log" >&2
     die "nodes did not become idle within 60 s"
   fi
+  # Node to controller works (they registered); node to node crosses the bridge, where a
+  # firewall may drop it (br_netfilter + a FORWARD policy of DROP, as Docker sets): check it.
+  if [ "$MODE" = netns ] && [ "$NODES" -ge 2 ]; then
+    timeout 5 nsenter --net="/run/netns/${NS_PREFIX}node1" bash -c "echo > /dev/tcp/$(node_ip 2)/6818" \
+      || die "node1 cannot reach node2's slurmd at $(node_ip 2):6818 across $BRIDGE (a firewall? \
+bridge-nf-call-iptables=$(cat /proc/sys/net/bridge/bridge-nf-call-iptables 2>/dev/null || echo -)); \
+LOCAL_SLURM_NET=loopback avoids the bridge"
+  fi
   # Jobs saved in the controller's state by an earlier, killed run would hold the nodes.
   local stale; stale=$(squeue -h -o %i | tr '\n' ' ')
   if [ -n "${stale// }" ]; then
