@@ -12,19 +12,28 @@ Typical use::
         assert slurm_cluster.wait(job) == "COMPLETED"
         assert "ok" in slurm_cluster.job_output(job)
 
+The nodes are network namespaces on a bridge (``cluster.network == "netns"``: each has its own
+address, hostname and link, which :meth:`SlurmCluster.link_down` can cut) where the machine
+allows it, else all on 127.0.0.1 (``"loopback"``); tests that need a real network call
+:meth:`SlurmCluster.require_netns`, which skips with the reason in loopback mode.
+
 Environment: ``LOCAL_SLURM_KEEP=1`` leaves a cluster started by the session running
-(faster reruns); the ``LOCAL_SLURM_*`` knobs of local_slurm.sh shape it. Where a
+(faster reruns); the ``LOCAL_SLURM_*`` knobs of local_slurm.sh shape it (``LOCAL_SLURM_NET``:
+netns, loopback or auto). Where a
 cluster cannot be had (not root, no apt and no Slurm, a foreign slurm.conf) the tests
 skip, except under ``CI=...``, where they fail: CI must really run them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -72,6 +81,39 @@ class SlurmCluster:
         self.nodes = _run("sinfo", "-h", "-N", "-o", "%N").stdout.split()
         self.nodes = sorted(set(self.nodes), key=lambda n: (len(n), n))
         self._stdout: dict[str, Path] = {}
+        status = _run(str(SCRIPT), "status", check=False).stdout
+        m = re.search(r"^\s*network: (\w+)(?: \((.*)\))?$", status, re.MULTILINE)
+        #: "netns" (a network namespace per node, on a bridge) or "loopback" (all on 127.0.0.1)
+        self.network = m.group(1) if m else "loopback"
+        #: what local_slurm.sh said about it: in loopback mode, why (the skip reason of netns tests)
+        self.network_reason = (m.group(2) if m else None) or "local_slurm.sh names no network"
+
+    # -- the network -----------------------------------------------------------------------
+    def require_netns(self) -> None:
+        """Skip the calling test, with the reason, unless every node has a network of its own."""
+        if self.network != "netns":
+            pytest.skip(
+                f"needs the netns network; the cluster runs on loopback: {self.network_reason}"
+            )
+
+    def set_link(self, node: str, up: bool) -> None:
+        """Cut (``up=False``) or restore a node's link: its veth end on the bridge goes down/up.
+        The node keeps its address and routes; what it sends or is sent is dropped meanwhile.
+        Slurm marks it DOWN after SlurmdTimeout (30 s) without an answer, and then asks it to
+        register only every ~20 pings (up to ~200 s); ``scontrol update nodename=NODE
+        state=resume``, as an admin would, brings it back within a second of the link's return."""
+        self.require_netns()
+        _run(str(SCRIPT), "link", node, "up" if up else "down")
+
+    @contextlib.contextmanager
+    def link_down(self, node: str) -> Iterator[None]:
+        """``with cluster.link_down("node2"): ...``: the node's link is cut inside, restored after,
+        even when the block raises."""
+        self.set_link(node, False)
+        try:
+            yield
+        finally:
+            self.set_link(node, True)
 
     # -- submitting ------------------------------------------------------------------------
     def submit(

@@ -1,14 +1,39 @@
 #!/usr/bin/env bash
 # A real, single-machine Slurm cluster for tests: Debian 12's Slurm 22.05 packages,
-# one slurmctld, one slurmd per fake node (node1..nodeN, all on 127.0.0.1), munge auth,
-# and slurmdbd + MariaDB accounting (so `sacct` works: submitit polls it, and without
-# it never returns on a job that died).
+# one slurmctld, one slurmd per fake node (node1..nodeN), munge auth, and slurmdbd + MariaDB
+# accounting (so `sacct` works: submitit polls it, and without it never returns on a job
+# that died).
 #
 #   tests/cluster/local_slurm.sh start    install what is missing, (re)start, wait for idle nodes
-#   tests/cluster/local_slurm.sh stop     stop every daemon we started (by pid file), undo /etc/hosts
-#   tests/cluster/local_slurm.sh status   exit 0 iff every daemon is up and every node answers
+#   tests/cluster/local_slurm.sh stop     stop every daemon we started (by pid file), remove the
+#                                         network, undo /etc/hosts
+#   tests/cluster/local_slurm.sh status   exit 0 iff every daemon is up and every node answers;
+#                                         says which network mode is up
+#   tests/cluster/local_slurm.sh link NODE down|up   cut / restore a node's link (netns mode)
 #
-# Needs root (daemons, /etc/slurm, /etc/hosts) and, the first time, apt-get.
+# Network (LOCAL_SLURM_NET):
+#   netns     each node is a Linux network namespace (mt-slurm-nodeN) with its own UTS namespace
+#             (hostname nodeN): eth0 = 10.77.0.(10+N)/24, the other end of its veth pair
+#             (mt-slurm-nodeN in the root namespace) on the bridge mt-slurm-br0 = 10.77.0.1, the
+#             default route. slurmd of node N runs inside, so the batch script and every task do
+#             too: rendezvous, MASTER_ADDR=nodeN, gloo and MPI traffic cross real interfaces.
+#             slurmctld, slurmdbd and MariaDB stay in the root namespace, reached at 10.77.0.1;
+#             munge's socket is a file, the same in every namespace. /etc/hosts maps nodeN to its
+#             address. Nothing outside our own namespaces and bridge gets an address or a route.
+#   loopback  every node on 127.0.0.1 (distinct slurmd ports), one hostname: for machines that
+#             cannot create network namespaces (no CAP_NET_ADMIN/CAP_SYS_ADMIN, no iproute2)
+#   auto      (default) netns if a probe namespace + veth pair + bridge can be made, else
+#             loopback, logging why
+# `link NODE down` sets the root-namespace end of the node's veth down: the node keeps its
+# address and routes (as after a pulled cable or a dead switch port), its packets are dropped
+# on the bridge, so peers see silence (timeouts), not an error; `up` restores it exactly.
+# Setting eth0 inside the namespace down instead would delete the node's routes. A cut longer
+# than SlurmdTimeout (30 s) leaves the node DOWN until slurmctld asks it to register (every ~20
+# pings: up to ~200 s) or `scontrol update nodename=NODE state=resume` (1 s). Measured: with no
+# timeout of its own, a connect to a cut node fails (EHOSTUNREACH) after ~3 s, or ~39 s when the
+# peer's ARP entry was fresh; an established connection just retransmits (tcp_retries2: ~15 min).
+#
+# Needs root (daemons, /etc/slurm, /etc/hosts, namespaces) and, the first time, apt-get.
 # Works without systemd and without cgroups (CI containers): daemons are started by hand.
 # `start` is idempotent: with the same knobs and a healthy cluster it returns at once;
 # otherwise it restarts the Slurm daemons with a freshly written config. Safe after a
@@ -20,6 +45,9 @@
 #   LOCAL_SLURM_MEM_MB=4096      RealMemory each node advertises (MB; not enforced: no cgroups)
 #   LOCAL_SLURM_ACCOUNTING=1     1: slurmdbd + MariaDB (sacct works); 0: none (faster start)
 #   LOCAL_SLURM_CRED_EXPIRE=10   seconds; also how long a requeued job waits before it may restart
+#   LOCAL_SLURM_NET=auto         netns | loopback | auto (above)
+#   LOCAL_SLURM_SUBNET=10.77.0   the netns mode's /24 (its first three numbers); start refuses one
+#                                that an interface or route of this machine already uses
 set -euo pipefail
 
 NODES=${LOCAL_SLURM_NODES:-2}
@@ -27,6 +55,8 @@ CPUS=${LOCAL_SLURM_CPUS:-2}
 MEM_MB=${LOCAL_SLURM_MEM_MB:-4096}
 ACCOUNTING=${LOCAL_SLURM_ACCOUNTING:-1}
 CRED_EXPIRE=${LOCAL_SLURM_CRED_EXPIRE:-10}
+NET=${LOCAL_SLURM_NET:-auto}
+SUBNET=${LOCAL_SLURM_SUBNET:-10.77.0}
 
 CLUSTER=megatrain-local
 CONF=/etc/slurm/slurm.conf            # where sbatch/srun/sinfo look by default: no SLURM_CONF needed
@@ -35,11 +65,16 @@ RUN=/run/local-slurm                  # our pid files and markers (tmpfs: gone a
 LOGS=/var/log/slurm
 HOSTS_TAG="# megatrain-local-slurm"   # tags our /etc/hosts line so that stop removes exactly it
 MUNGE_PID=/run/munge/munged.pid       # munged's default; clients find its socket in /run/munge
+NET_STATE=$RUN/network                # the network mode that is up (line 1) and why (line 2)
+NS_PREFIX=mt-slurm-                   # namespace and root-side veth of node N: mt-slurm-nodeN
+BRIDGE=mt-slurm-br0
+CTL_ADDR=$SUBNET.1                    # the bridge: slurmctld and slurmdbd, as the nodes see them
 
 T0=$(date +%s%N)
 log() { local ms=$(( ($(date +%s%N) - T0) / 1000000 )); printf '[local_slurm %d.%03ds] %s\n' $((ms / 1000)) $((ms % 1000)) "$*"; }
 die() { echo "local_slurm: error: $*" >&2; exit 1; }
 node_names() { local i; for i in $(seq 1 "$NODES"); do printf 'node%d ' "$i"; done; }
+node_ip() { echo "$SUBNET.$((10 + $1))"; }   # netns mode: node N's address
 
 # ------------------------------------------------------------------ pid-file helpers
 # A pid file counts only if its process is alive *and* is the daemon we expect: after a
@@ -90,6 +125,109 @@ mariadb_up() { mysqladmin ping >/dev/null 2>&1; }
 # start/stop would wait on it. (slurmctld/slurmd close it; munged, slurmdbd, mysqld do not.)
 spawn() { "$@" 9>&-; }
 
+# ------------------------------------------------------------------ network (netns mode)
+net_probe() {  # can this machine build the netns network? Prints why not.
+  local c p=${NS_PREFIX}probe err
+  for c in ip nsenter unshare; do command -v "$c" >/dev/null || { echo "no $c command"; return 1; }; done
+  ip link del "${p}0" 2>/dev/null || true; ip link del "${p}b" 2>/dev/null || true
+  ip netns del "$p" 2>/dev/null || true
+  err=$( { ip netns add "$p" && ip link add "${p}b" type bridge \
+           && ip link add "${p}0" type veth peer name eth0 netns "$p" && unshare --uts true; } 2>&1 ) || true
+  ip link del "${p}0" 2>/dev/null || true; ip link del "${p}b" 2>/dev/null || true
+  ip netns del "$p" 2>/dev/null || true
+  [ -z "$err" ] || { echo "${err//$'\n'/; }"; return 1; }
+}
+subnet_free() {  # no interface or route of this machine (other than ours) uses the subnet
+  local used
+  used=$( { ip -o -4 addr show to "$SUBNET.0/24"; ip -4 route show root "$SUBNET.0/24"
+            ip -4 route show match "$SUBNET.0/24" | grep -v '^default'; } 2>/dev/null \
+          | grep -vw -e "$BRIDGE" -e "dev $BRIDGE" || true)
+  [ -z "$used" ] || die "subnet $SUBNET.0/24 is in use on this machine ($(echo $used)); pick another with LOCAL_SLURM_SUBNET=10.x.y"
+}
+resolve_net() {  # sets MODE (netns|loopback) and NET_WHY from the LOCAL_SLURM_NET knob
+  local why
+  case "$NET" in
+    loopback) MODE=loopback NET_WHY="LOCAL_SLURM_NET=loopback was asked for" ;;
+    netns|auto)
+      if why=$(net_probe); then
+        MODE=netns NET_WHY="LOCAL_SLURM_NET=$NET"
+        # interface names have at most 15 characters: mt-slurm-node99
+        [ "$NODES" -le 99 ] || die "LOCAL_SLURM_NODES=$NODES: the netns network has room for 99"
+        subnet_free
+      elif [ "$NET" = netns ]; then
+        die "LOCAL_SLURM_NET=netns, but this machine cannot create network namespaces: $why"
+      else
+        MODE=loopback NET_WHY="this machine cannot create network namespaces: $why"
+      fi ;;
+    *) die "LOCAL_SLURM_NET=$NET: expected netns, loopback or auto" ;;
+  esac
+}
+running_mode() { head -n 1 "$NET_STATE" 2>/dev/null || echo none; }
+net_up() {  # the bridge, then per node: namespace, veth pair (eth0 inside), address, routes
+  local i ns
+  ip link add "$BRIDGE" type bridge
+  ip addr add "$CTL_ADDR/24" dev "$BRIDGE"
+  ip link set "$BRIDGE" up
+  for i in $(seq 1 "$NODES"); do
+    ns=${NS_PREFIX}node$i
+    ip netns add "$ns"
+    ip link add "$ns" type veth peer name eth0 netns "$ns"
+    ip link set "$ns" master "$BRIDGE" up
+    ip -n "$ns" addr add "$(node_ip "$i")/24" dev eth0
+    ip -n "$ns" link set eth0 up
+    ip -n "$ns" link set lo up
+    ip -n "$ns" route add default via "$CTL_ADDR"
+    # No DNS server on our network (the root namespace forwards nothing): an empty resolv.conf
+    # (slurmd's, see start_slurmd; also `ip netns exec`'s) makes a lookup fail at once instead of
+    # after 10 s of timeouts (torch's store looks up every peer's name); names: /etc/hosts.
+    mkdir -p "/etc/netns/$ns"
+    echo "# megatrain tests/cluster/local_slurm.sh: no DNS on the fake nodes" > "/etc/netns/$ns/resolv.conf"
+  done
+}
+net_down() {  # remove our namespaces (ending what still runs inside), veths and bridge
+  command -v ip >/dev/null || return 0
+  local ns pids link
+  for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep -E "^${NS_PREFIX}(node[0-9]+|probe)$"); do
+    # Only tasks of a killed run live here (stop cancelled the jobs, stopped the slurmds).
+    pids=$(ip netns pids "$ns" 2>/dev/null | tr '\n' ' ')
+    if [ -n "${pids// }" ]; then
+      log "ending processes left in namespace $ns: $pids"
+      # shellcheck disable=SC2086
+      kill -9 $pids 2>/dev/null || true
+    fi
+    ip netns del "$ns" 2>/dev/null || true
+  done
+  rm -rf /etc/netns/"$NS_PREFIX"*
+  if [ -d /etc/netns ]; then rmdir --ignore-fail-on-non-empty /etc/netns; fi
+  # Deleting the root-side end deletes the pair (even if a process still holds its namespace).
+  for link in $(ip -o link show 2>/dev/null | awk -F': ' '{print $2}' | cut -d@ -f1 \
+                | grep -E "^${NS_PREFIX}(node[0-9]+|probe0|probeb|br0)$"); do
+    ip link del "$link" 2>/dev/null || true
+  done
+}
+net_ok() {  # netns mode: every namespace there, its link up, its slurmd inside it
+  local n ns pid
+  ip link show dev "$BRIDGE" up 2>/dev/null | grep -q . || return 1
+  for n in $(node_names); do
+    ns=$NS_PREFIX$n
+    [ -n "$(ip -o link show dev "$ns" up 2>/dev/null)" ] || return 1
+    pid=$(alive "$RUN/slurmd-$n.pid" slurmd) || return 1
+    [ "$(ip netns identify "$pid" 2>/dev/null)" = "$ns" ] || return 1
+  done
+}
+start_slurmd() {  # start_slurmd NODE: in netns mode inside the node's namespaces, hostname = NODE
+  if [ "$MODE" = netns ]; then
+    # The node's network namespace; its own hostname; its own mount namespace (a slave of the
+    # root's: later mounts still show) for the node's resolv.conf. Not `ip netns exec`: it
+    # remounts /sys, without /sys/fs/cgroup, which slurmd needs.
+    spawn nsenter --net="/run/netns/$NS_PREFIX$1" unshare --uts --mount --propagation slave -- \
+      sh -c 'mount --bind "$2" /etc/resolv.conf && hostname "$1" && exec slurmd -N "$1"' \
+      sh "$1" "/etc/netns/$NS_PREFIX$1/resolv.conf"
+  else
+    spawn slurmd -N "$1"
+  fi
+}
+
 # ------------------------------------------------------------------ packages
 install_packages() {
   local pkgs=(slurmctld slurmd slurm-client munge libpmix-dev) missing=() p
@@ -124,16 +262,18 @@ install_packages() {
 }
 
 # ------------------------------------------------------------------ config
-write_slurm_conf() {  # write_slurm_conf FILE
-  local acct="AccountingStorageType=accounting_storage/none" i
+write_slurm_conf() {  # write_slurm_conf FILE (for $MODE)
+  # The controller and slurmdbd run in the root namespace: the nodes reach them at the bridge.
+  local ctl=localhost ctl_host=localhost acct="AccountingStorageType=accounting_storage/none" i
+  [ "$MODE" = netns ] && ctl=$CTL_ADDR ctl_host="localhost($CTL_ADDR)"
   [ "$ACCOUNTING" = 1 ] && acct="AccountingStorageType=accounting_storage/slurmdbd
-AccountingStorageHost=localhost
+AccountingStorageHost=$ctl
 AccountingStoragePort=6819"
   cat > "$1" <<EOF
 $MARK
-# Knobs: nodes=$NODES cpus=$CPUS mem_mb=$MEM_MB accounting=$ACCOUNTING cred_expire=$CRED_EXPIRE
+# Knobs: nodes=$NODES cpus=$CPUS mem_mb=$MEM_MB accounting=$ACCOUNTING cred_expire=$CRED_EXPIRE net=$MODE subnet=$SUBNET
 ClusterName=$CLUSTER
-SlurmctldHost=localhost
+SlurmctldHost=$ctl_host
 # Root runs everything: tests submit as root, no slurm user to create.
 SlurmUser=root
 SlurmdUser=root
@@ -182,9 +322,12 @@ SlurmctldTimeout=30
 SlurmdTimeout=30
 NodeName=DEFAULT CPUs=$CPUS RealMemory=$MEM_MB State=UNKNOWN
 EOF
-  # Distinct slurmd ports: all nodes share 127.0.0.1.
   for i in $(seq 1 "$NODES"); do
-    echo "NodeName=node$i NodeHostname=localhost NodeAddr=127.0.0.1 Port=$((17000 + i))" >> "$1"
+    if [ "$MODE" = netns ]; then   # a host of its own: its name, its address, slurmd's usual port
+      echo "NodeName=node$i NodeHostname=node$i NodeAddr=$(node_ip "$i")" >> "$1"
+    else                           # distinct slurmd ports: all nodes share 127.0.0.1
+      echo "NodeName=node$i NodeHostname=localhost NodeAddr=127.0.0.1 Port=$((17000 + i))" >> "$1"
+    fi
   done
   # MaxTime unlimited, so any --time a test asks for (even 1 minute) is accepted and enforced;
   # DefaultTime bounds a forgotten job.
@@ -221,11 +364,24 @@ healthy() {  # quiet check used by start and status
   alive "$RUN/slurmctld.pid" slurmctld >/dev/null || return 1
   for n in $(node_names); do alive "$RUN/slurmd-$n.pid" slurmd >/dev/null || return 1; done
   if [ "$ACCOUNTING" = 1 ]; then alive "$RUN/slurmdbd.pid" slurmdbd >/dev/null || return 1; fi
+  if [ "$MODE" = netns ]; then net_ok || return 1; fi
   nodes_ready
 }
 
 cmd_status() {
-  local n pid
+  local n pid i
+  MODE=$(running_mode)
+  case "$MODE" in
+    netns)
+      printf '  network: netns (bridge %s %s/24;' "$BRIDGE" "$CTL_ADDR"
+      for i in $(seq 1 "$NODES"); do
+        printf ' node%d %s link %s;' "$i" "$(node_ip "$i")" \
+          "$([ -n "$(ip -o link show dev "${NS_PREFIX}node$i" up 2>/dev/null)" ] && echo up || echo down)"
+      done
+      echo " $(sed -n 2p "$NET_STATE"))" ;;
+    loopback) echo "  network: loopback ($(sed -n 2p "$NET_STATE"))" ;;
+    *) echo "  network: none" ;;
+  esac
   show() { if pid=$(alive "$1" "$2"); then echo "  $3: up (pid $pid)"; else echo "  $3: down"; fi; }
   show "$MUNGE_PID" munged munged
   [ "$ACCOUNTING" = 1 ] && { if mariadb_up; then echo "  mariadb: up"; else echo "  mariadb: down"; fi; }
@@ -245,14 +401,24 @@ cmd_start() {
     die "$CONF exists and was not written by this script; move it away first"
   fi
   install_packages
+  resolve_net
 
   local new; new=$(mktemp); write_slurm_conf "$new"
-  if [ -e "$CONF" ] && cmp -s "$new" "$CONF" && healthy; then
-    rm -f "$new"; log "already up with this config"; return 0
+  if [ -e "$CONF" ] && cmp -s "$new" "$CONF" && [ "$(running_mode)" = "$MODE" ] && healthy; then
+    rm -f "$new"; log "already up with this config (network: $MODE)"; return 0
   fi
 
-  # Anything of ours still running (another config, a killed run) goes first.
+  # Anything of ours still running (another config, a killed run) goes first, then its network.
   stop_slurm_daemons
+  net_down
+  rm -f "$NET_STATE"
+  if [ "$MODE" = netns ]; then
+    net_up
+    log "network: netns, bridge $BRIDGE $CTL_ADDR/24, nodes at $(node_ip 1)..$(node_ip "$NODES")"
+  else
+    log "network: loopback ($NET_WHY)"
+  fi
+  printf '%s\n%s\n' "$MODE" "$NET_WHY" > "$NET_STATE"
 
   # --- munge: Slurm's authentication. One key, shared by every daemon and client here.
   mkdir -p /run/munge /var/log/munge /var/lib/munge /etc/munge
@@ -270,10 +436,14 @@ cmd_start() {
   # --- fake node names must resolve: jobs use them as MASTER_ADDR, and an unresolvable
   #     name makes torch's rendezvous hang ~130 s before it fails.
   sed -i "/$HOSTS_TAG\$/d" /etc/hosts
-  echo "127.0.0.1 $(node_names)$HOSTS_TAG" >> /etc/hosts
+  if [ "$MODE" = netns ]; then
+    for i in $(seq 1 "$NODES"); do echo "$(node_ip "$i") node$i $HOSTS_TAG" >> /etc/hosts; done
+  else
+    echo "127.0.0.1 $(node_names)$HOSTS_TAG" >> /etc/hosts
+  fi
 
   mkdir -p /etc/slurm /var/spool/slurmctld "$LOGS"
-  local n
+  local n i
   for n in $(node_names); do mkdir -p "/var/spool/slurmd/$n" "/tmp/slurmtmp-$n"; done
   mv "$new" "$CONF"; chmod 644 "$CONF"
 
@@ -294,11 +464,21 @@ cmd_start() {
 
   # --- controller, then one slurmd per fake node (-N: which NodeName line this one is).
   spawn slurmctld
-  for n in $(node_names); do spawn slurmd -N "$n"; done
+  for n in $(node_names); do
+    start_slurmd "$n" || die "slurmd $n did not start (see $LOGS/slurmd-$n.log)"
+  done
   for _ in $(seq 1 300); do nodes_ready && break; sleep 0.2; done
   if ! nodes_ready; then
     sinfo -N -l >&2 || true; tail -n 20 "$LOGS/slurmctld.log" >&2
     die "nodes did not become idle within 60 s"
+  fi
+  # Node to controller works (they registered); node to node crosses the bridge, where a
+  # firewall may drop it (br_netfilter + a FORWARD policy of DROP, as Docker sets): check it.
+  if [ "$MODE" = netns ] && [ "$NODES" -ge 2 ]; then
+    timeout 5 nsenter --net="/run/netns/${NS_PREFIX}node1" bash -c "echo > /dev/tcp/$(node_ip 2)/6818" \
+      || die "node1 cannot reach node2's slurmd at $(node_ip 2):6818 across $BRIDGE (a firewall? \
+bridge-nf-call-iptables=$(cat /proc/sys/net/bridge/bridge-nf-call-iptables 2>/dev/null || echo -)); \
+LOCAL_SLURM_NET=loopback avoids the bridge"
   fi
   # Jobs saved in the controller's state by an earlier, killed run would hold the nodes.
   local stale; stale=$(squeue -h -o %i | tr '\n' ' ')
@@ -307,7 +487,7 @@ cmd_start() {
     # shellcheck disable=SC2086
     scancel $stale
   fi
-  log "cluster up: $NODES nodes x $CPUS CPUs, accounting=$ACCOUNTING"
+  log "cluster up: $NODES nodes x $CPUS CPUs, accounting=$ACCOUNTING, network=$MODE"
 }
 
 # ------------------------------------------------------------------ stop
@@ -326,6 +506,8 @@ cmd_stop() {
   fi
   stop_daemons "$MUNGE_PID:munged"
   wait
+  net_down
+  rm -f "$NET_STATE"
   sed -i "/$HOSTS_TAG\$/d" /etc/hosts
   rm -rf /tmp/slurmtmp-node*
   local left; left=$(pgrep -x slurmstepd || true)
@@ -333,9 +515,26 @@ cmd_stop() {
   log "stopped"
 }
 
+# ------------------------------------------------------------------ link
+cmd_link() {  # link NODE down|up: the node's veth end on the bridge (why that end: see the top)
+  local node=${1:-} state=${2:-}
+  [ "$state" = up ] || [ "$state" = down ] || die "usage: $0 link NODE down|up"
+  [ "$(id -u)" = 0 ] || die "link needs root"
+  [ "$(running_mode)" = netns ] || die "link needs the netns network; this cluster's is: $(running_mode)"
+  # The veth ends are where start made them, with slurmctld: from inside a node (a job), go there.
+  local ip=(ip) ctl
+  if ! ip link show dev "$NS_PREFIX$node" >/dev/null 2>&1 && ctl=$(alive "$RUN/slurmctld.pid" slurmctld); then
+    ip=(nsenter --net="/proc/$ctl/ns/net" ip)
+  fi
+  "${ip[@]}" link show dev "$NS_PREFIX$node" >/dev/null 2>&1 || die "no node '$node' (nodes: $(node_names))"
+  "${ip[@]}" link set dev "$NS_PREFIX$node" "$state"
+  log "$node: link $state"
+}
+
 case "${1:-}" in
   # One start/stop at a time (two pytest sessions, a dev's shell and CI...).
   start|stop) mkdir -p "$RUN"; exec 9>"$RUN/lock"; flock 9; "cmd_$1" ;;
   status) cmd_status ;;
-  *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+  link) shift; cmd_link "$@" ;;
+  *) echo "usage: $0 start|stop|status|link NODE down|up" >&2; exit 2 ;;
 esac
