@@ -32,7 +32,6 @@ from tests.cluster.training import (
     job_env,
     job_text,
     overrides,
-    wait_for_step,
 )
 from tests.helpers import alive, all_pids, cmdline, environ, events, kill, losses
 
@@ -43,7 +42,10 @@ SETTINGS = [
     "run.ckpt_every=5",
     "run.keep=2",
     f"run.hang_timeout_s={HANG_TIMEOUT_S}",
-    "run.collective_timeout_s=60",
+    # start-up and checkpoint saves get this much; gloo's own timeout comes later, so that the
+    # watchdog is what ends a hang
+    "run.hang_slow_s=40",
+    "run.collective_timeout_s=300",
 ]
 
 
@@ -75,16 +77,23 @@ def _round(x: float | None) -> float | None:
     return None if x is None else round(x, 1)
 
 
-def trainers(run_dir: Path, rank: int | None = None) -> list[int]:
-    """Pids of the `megatrain train` processes of this run (of one rank, if given)."""
-    pids = []
-    for pid in all_pids():
-        line = cmdline(pid)
-        if "megatrain.cli train" not in line or f"run.dir={run_dir}" not in line:
-            continue
-        if rank is None or environ(pid).get("SLURM_PROCID") == str(rank):
-            pids.append(pid)
-    return [p for p in pids if alive(p)]
+def trainers(run_dir: Path) -> list[int]:
+    """Pids of the ranks of this run (`python -m megatrain.cli train`; not srun's own)."""
+    return [
+        pid
+        for pid in all_pids()
+        if "megatrain.cli train" in (line := cmdline(pid))
+        and f"run.dir={run_dir}" in line
+        and not line.startswith("srun ")
+        and alive(pid)
+    ]
+
+
+def last_step(run_dir: Path) -> int:
+    """The newest step recorded in metrics.jsonl (0 before the first)."""
+    if not (run_dir / "metrics.jsonl").exists():
+        return 0
+    return max(losses(run_dir), default=0)
 
 
 def wait_gone(pids: list[int], timeout: float) -> float | None:
@@ -98,11 +107,11 @@ def wait_gone(pids: list[int], timeout: float) -> float | None:
     return None
 
 
-def wait_started(run_dir: Path, timeout: float = 240) -> list[int]:
+def wait_started(run_dir: Path, ranks: int = 2, timeout: float = 240) -> list[int]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         pids = trainers(run_dir)
-        if pids:
+        if len(pids) >= ranks:
             return pids
         time.sleep(0.1)
     raise TimeoutError(f"no training process of {run_dir} after {timeout} s")
@@ -111,14 +120,18 @@ def wait_started(run_dir: Path, timeout: float = 240) -> list[int]:
 def _first(run_dir: Path, name: str, after: float = 0.0, timeout: float = 120) -> dict | None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        found = [e for e in events(run_dir, name) if e["time"] >= after]
+        found = [
+            e
+            for e in (events(run_dir, name) if (run_dir / "events.jsonl").exists() else [])
+            if e["time"] >= after
+        ]
         if found:
             return found[0]
         time.sleep(0.2)
     return None
 
 
-def inject(cluster, fault: str, run_dir: Path, m: Measured) -> float:
+def inject(cluster, fault: str, run_dir: Path, pids: list[int], m: Measured) -> float:
     """Throw `fault` at the running job (for the raise_* faults: wait for it); returns the
     wall-clock time it happened."""
     if fault.startswith("raise"):
@@ -126,10 +139,16 @@ def inject(cluster, fault: str, run_dir: Path, m: Measured) -> float:
         if error is None:
             raise TimeoutError(f"{fault}: no error event in {run_dir} after 240 s")
         return error["time"]
-    wait_for_step(run_dir, FAULT_STEP)
-    rank1 = trainers(run_dir, rank=1)
+    rank1 = [p for p in pids if environ(p).get("SLURM_PROCID") == "1"]
     if not rank1:
         raise RuntimeError(f"{fault}: no rank 1 process found for {run_dir}")
+    # a step takes ~0.1 s here: poll fast, so that the fault lands in step FAULT_STEP + 1 or so,
+    # before the next checkpoint
+    deadline = time.monotonic() + 240
+    while last_step(run_dir) < FAULT_STEP:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{fault}: no step {FAULT_STEP} in {run_dir} after 240 s")
+        time.sleep(0.01)
     t = time.time()
     if fault == "kill9_rank":
         kill(rank1[0], signal.SIGKILL)
@@ -185,18 +204,18 @@ def run_fault(
     )
     m = Measured(fault, job, run_dir, state="")
     pids = wait_started(run_dir)
-    t_fault = inject(cluster, fault, run_dir, m)
+    t_fault = inject(cluster, fault, run_dir, pids, m)
     gone = wait_gone(pids, timeout=120)
     if gone is None:
         m.notes.append("a training process was still alive 120 s after the fault")
     else:
         m.seconds_until_all_gone = max(0.0, gone - t_fault)
-    last_step = max(losses(run_dir), default=0)
+    steps_done = last_step(run_dir)
     m.state = cluster.wait(job, timeout=400)
     resumed = _first(run_dir, "resumed", after=t_fault, timeout=1)
     if resumed:
         m.seconds_until_resumed = resumed["time"] - t_fault
-        m.steps_lost = max(0, last_step - resumed["step"])
+        m.steps_lost = max(0, steps_done - resumed["step"])
     b = losses(run_dir)
     m.bit_identical = b == reference if fault != "raise_every_start" else None
     if m.state != "COMPLETED" and fault != "raise_every_start":

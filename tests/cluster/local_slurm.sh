@@ -363,7 +363,9 @@ healthy() {  # quiet check used by start and status
   alive "$MUNGE_PID" munged >/dev/null || return 1
   alive "$RUN/slurmctld.pid" slurmctld >/dev/null || return 1
   for n in $(node_names); do alive "$RUN/slurmd-$n.pid" slurmd >/dev/null || return 1; done
-  if [ "$ACCOUNTING" = 1 ]; then alive "$RUN/slurmdbd.pid" slurmdbd >/dev/null || return 1; fi
+  if [ "$ACCOUNTING" = 1 ]; then
+    mariadb_up && alive "$RUN/slurmdbd.pid" slurmdbd >/dev/null || return 1
+  fi
   if [ "$MODE" = netns ]; then net_ok || return 1; fi
   nodes_ready
 }

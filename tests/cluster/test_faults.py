@@ -12,7 +12,7 @@ from tests.helpers import events, losses
 
 # from the fault until every rank is gone: the watchdog's timeout for a frozen rank or a cut
 # link, plus srun's kill (KillWait=5 s) and slack for a loaded 2-core CI machine
-BOUND_S = {"kill9_rank": 30, "raise_once": 30, "sigstop_rank": HANG_TIMEOUT_S + 45}
+BOUND_S = {"kill9_rank": 30, "sigstop_rank": HANG_TIMEOUT_S + 30}
 
 
 def recovered(slurm_cluster, reference_run, tiny_dataset, tmp_path, fault):
