@@ -8,6 +8,8 @@ command to resume and compares the losses with an uninterrupted reference run, s
     python bench/faults.py            # every fault, 3 tries (10 for kill9_checkpoint)
     python bench/faults.py --tries 1 --tries-checkpoint 3
     python bench/faults.py --only sigterm,two_runs --tries 2
+    python bench/faults.py --slurm --tries 3    # crashes and hangs of a 2-node Slurm job (root):
+                                                # tests/cluster/faults.py says what each does
 
 Prints one JSON row per fault:
 
