@@ -170,6 +170,7 @@ def inject(cluster, fault: str, run_dir: Path, pids: list[int], m: Measured) -> 
 def reference_losses(cluster, dataset: Path, workdir: Path) -> dict[int, float]:
     """The uninterrupted run the faulted ones are compared with: the same job, no fault."""
     run_dir = workdir / "run"
+    workdir.mkdir(parents=True, exist_ok=True)
     job, state, _ = cluster.run(
         SCRIPT,
         CONFIG,
