@@ -217,8 +217,17 @@ def run_fault(
     if resumed:
         m.seconds_until_resumed = resumed["time"] - t_fault
         m.steps_lost = max(0, steps_done - resumed["step"])
-    b = losses(run_dir)
-    m.bit_identical = b == reference if fault != "raise_every_start" else None
-    if m.state != "COMPLETED" and fault != "raise_every_start":
+    if fault == "raise_every_start":  # no resume: how the chain ended
+        crashes = events(run_dir, "crashed")
+        skipped = events(run_dir, "requeue_skipped")
+        if skipped:
+            m.notes.append(
+                f"{len(crashes)} jobs crashed; the chain stopped "
+                f"{skipped[-1]['time'] - t_fault:.1f} s after the first crash: "
+                f"{skipped[-1]['reason'][:60]}..."
+            )
+        return m
+    m.bit_identical = losses(run_dir) == reference
+    if m.state != "COMPLETED":
         m.notes.append(job_text(cluster, job)[-2000:])
     return m

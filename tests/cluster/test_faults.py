@@ -66,8 +66,7 @@ def test_a_rank_that_raises_once_is_requeued_and_resumes_exactly(
 def test_a_link_cut_mid_run_ends_in_bounded_time_and_the_run_comes_back(
     slurm_cluster, reference_run, tiny_dataset, tmp_path
 ):
-    if slurm_cluster.network != "netns":
-        pytest.skip(f"no link to cut: {slurm_cluster.network_reason}")
+    slurm_cluster.require_netns()
     m, _ = recovered(slurm_cluster, reference_run, tiny_dataset, tmp_path, "link_down")
     assert m.seconds_until_all_gone is not None, m.row()
 
