@@ -58,16 +58,24 @@ def requeue_decision(
     """Whether to requeue a job that a signal stopped, and why (pure: unit-tested)."""
     if signal_name == "SIGINT":
         return False, "Ctrl-C is the user's stop, not the time limit's; rerun to resume"
+    ends = _chain_ends(restarts, max_restarts, job_state)
+    if ends:
+        return False, ends
+    return True, f"{signal_name} before the time limit"
+
+
+def _chain_ends(restarts: int, max_restarts: int, job_state: str) -> str | None:
+    """Why no requeue may follow whatever stopped the job, or None."""
     if job_state and job_state != "RUNNING":
         # `scancel`, the time limit itself or a preemption: Slurm is already ending the job (and
         # requeues it itself if preemption says so). A user's scancel must stay a cancel.
-        return False, f"Slurm is ending the job (state {job_state}); rerun the same job to resume"
+        return f"Slurm is ending the job (state {job_state}); rerun the same job to resume"
     if restarts >= max_restarts:
-        return False, (
+        return (
             f"restart cap reached ({restarts} restarts, run.max_restarts={max_restarts}); "
             "submit the job again to continue"
         )
-    return True, f"{signal_name} before the time limit"
+    return None
 
 
 def _job_state(job_id: str) -> str:
@@ -151,18 +159,14 @@ def crash_decision(
     unit-tested). `progress`: a checkpoint was saved since this job started;
     `again_without_progress`: the crash before this one saved nothing either, and nothing was
     saved since."""
-    if job_state and job_state != "RUNNING":
-        return False, f"Slurm is ending the job (state {job_state}); rerun the same job to resume"
+    ends = _chain_ends(restarts, max_restarts, job_state)
+    if ends:
+        return False, ends
     if exit_status == NAMED_ERROR_EXIT:
         return False, (
             "a named error (exit 2: a bad config, data or checkpoint, a full disk, a diverged "
             "run) would come back after a requeue; fix what the job's output says, then submit "
             "the same job again"
-        )
-    if restarts >= max_restarts:
-        return False, (
-            f"restart cap reached ({restarts} restarts, run.max_restarts={max_restarts}); "
-            "submit the job again to continue"
         )
     if not progress and again_without_progress:
         return False, (
