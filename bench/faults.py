@@ -594,13 +594,15 @@ FAULTS: dict[str, Callable[[Bench, Path, Try], None]] = {
 # ----------------------------------------------------------------------------- driver
 
 
-def summarize(name: str, tries: list[Try]) -> dict:
-    def spread(values):
-        values = [v for v in values if v is not None]
-        if not values:
-            return None
-        return {"median": round(statistics.median(values), 2), "max": round(max(values), 2)}
+def spread(values) -> dict | None:
+    """Median and max of the values that were measured (None: none was)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return {"median": round(statistics.median(values), 2), "max": round(max(values), 2)}
 
+
+def summarize(name: str, tries: list[Try]) -> dict:
     notes = Counter(n for t in tries for n in dict.fromkeys(t.notes))
     written = spread(t.written_mb for t in tries)
     return {
@@ -649,11 +651,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def _spread(rows: list[dict], key: str) -> dict | None:
-    values = [r[key] for r in rows if r[key] is not None]
-    return {"median": statistics.median(values), "max": max(values)} if values else None
-
-
 def main_slurm(args, work: Path) -> None:
     """The Slurm faults (tests/cluster/faults.py) on the local test cluster, started here if
     needed (root): one JSON row per fault, spread over the tries."""
@@ -688,9 +685,9 @@ def main_slurm(args, work: Path) -> None:
             "tries": len(rows),
             "network": cluster.network,
             "final_state": sorted({r["final_state"] for r in rows}),
-            "seconds_until_all_gone": _spread(rows, "seconds_until_all_gone"),
-            "seconds_until_resumed": _spread(rows, "seconds_until_resumed"),
-            "steps_lost": _spread(rows, "steps_lost"),
+            "seconds_until_all_gone": spread(r["seconds_until_all_gone"] for r in rows),
+            "seconds_until_resumed": spread(r["seconds_until_resumed"] for r in rows),
+            "steps_lost": spread(r["steps_lost"] for r in rows),
             "resumed_bit_identical": [r["resumed_bit_identical"] for r in rows],
             "notes": [n[:300] for r in rows for n in r["notes"]],
         }

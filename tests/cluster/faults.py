@@ -31,7 +31,9 @@ from tests.cluster.training import (
     SCRIPT,
     job_env,
     job_text,
+    last_step,
     overrides,
+    wait_for_step,
 )
 from tests.helpers import alive, all_pids, cmdline, environ, events, kill, losses
 
@@ -89,13 +91,6 @@ def trainers(run_dir: Path) -> list[int]:
     ]
 
 
-def last_step(run_dir: Path) -> int:
-    """The newest step recorded in metrics.jsonl (0 before the first)."""
-    if not (run_dir / "metrics.jsonl").exists():
-        return 0
-    return max(losses(run_dir), default=0)
-
-
 def wait_gone(pids: list[int], timeout: float) -> float | None:
     """The wall-clock time by which every pid had exited (None: some still alive after
     `timeout` s)."""
@@ -144,11 +139,7 @@ def inject(cluster, fault: str, run_dir: Path, pids: list[int], m: Measured) -> 
         raise RuntimeError(f"{fault}: no rank 1 process found for {run_dir}")
     # a step takes ~0.1 s here: poll fast, so that the fault lands in step FAULT_STEP + 1 or so,
     # before the next checkpoint
-    deadline = time.monotonic() + 240
-    while last_step(run_dir) < FAULT_STEP:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{fault}: no step {FAULT_STEP} in {run_dir} after 240 s")
-        time.sleep(0.01)
+    wait_for_step(run_dir, FAULT_STEP, poll_s=0.01)
     t = time.time()
     if fault == "kill9_rank":
         kill(rank1[0], signal.SIGKILL)

@@ -81,12 +81,19 @@ def incarnations(job: str) -> list[str]:
     return out
 
 
-def wait_for_step(run_dir: Path, step: int, timeout: float = 240) -> None:
+def last_step(run_dir: Path) -> int:
+    """The newest step recorded in metrics.jsonl (0 before the first)."""
+    if not (run_dir / "metrics.jsonl").exists():
+        return 0
+    return max(losses(run_dir), default=0)
+
+
+def wait_for_step(run_dir: Path, step: int, timeout: float = 240, poll_s: float = 0.2) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if (run_dir / "metrics.jsonl").exists() and max(losses(run_dir), default=0) >= step:
+        if last_step(run_dir) >= step:
             return
-        time.sleep(0.2)
+        time.sleep(poll_s)
     raise TimeoutError(f"no step {step} in {run_dir} after {timeout} s")
 
 
